@@ -1,0 +1,287 @@
+"""The layers every CNN is made of: convolution, pooling, batch norm, dropout, linear.
+
+All layers take NHWC inputs and are pure Flax Linen modules: their state lives only in the
+`params` and `batch_stats` collections. They follow PyTorch's semantics exactly so that
+torchvision weights port by transposition alone:
+
+* integer padding is symmetric (PyTorch pads ``p`` on every side; Flax's 'SAME' with stride 2
+  would pad (0, 1) instead, which shifts every window by one pixel);
+* the default initializers are PyTorch's (uniform in +-1/sqrt(fan_in) for weights and biases);
+* BatchNorm uses eps=1e-5 and updates its running variance with the unbiased batch variance.
+
+Momentum conventions differ between the frameworks: Flax keeps ``momentum`` as the weight of the
+*old* running statistic, PyTorch as the weight of the *new* batch statistic. Flax 0.9 == PyTorch
+0.1, and that is the default here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
+Dtype = Any
+
+
+def pair(value: int | Sequence[int], name: str = 'value') -> tuple[int, int]:
+  """Returns ``(v, v)`` for an int and the pair itself for a pair (like torch's `_pair`)."""
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(value)
+  if len(value) != 2 or not all(isinstance(v, int) for v in value):
+    raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}.')
+  return value
+
+
+def explicit_padding(padding: Padding, kernel_size: Sequence[int],
+                     stride: Sequence[int] = (1, 1),
+                     dilation: Sequence[int] = (1, 1)) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Turns any padding spec into ``((top, bottom), (left, right))``.
+
+  Accepts an int (symmetric, like PyTorch), a pair ``(ph, pw)``, per-side pairs
+  ``((top, bottom), (left, right))``, 'valid' (no padding) or 'same' (stride 1 only, padding
+  split as PyTorch does: the extra pixel of an even kernel goes to the bottom/right).
+  """
+  if isinstance(padding, str):
+    mode = padding.lower()
+    if mode == 'valid':
+      return ((0, 0), (0, 0))
+    if mode == 'same':
+      if tuple(stride) != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in PyTorch), got stride {tuple(stride)}.")
+      sides = []
+      for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        sides.append((total // 2, total - total // 2))
+      return tuple(sides)
+    raise ValueError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  padding = tuple(padding)
+  if len(padding) == 2 and all(isinstance(p, int) for p in padding):
+    return ((padding[0], padding[0]), (padding[1], padding[1]))
+  if len(padding) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding):
+    return tuple((int(p[0]), int(p[1])) for p in padding)
+  raise ValueError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
+
+
+def check_output_size(layer: str, in_hw: Sequence[int], kernel_size: Sequence[int],
+                      stride: Sequence[int], padding, dilation: Sequence[int] = (1, 1)) -> None:
+  """Raises a ValueError when a kernel/padding/stride leaves an empty output."""
+  for size, k, s, (lo, hi), d in zip(in_hw, kernel_size, stride, padding, dilation):
+    span = d * (k - 1) + 1
+    if size + lo + hi < span:
+      raise ValueError(
+          f'{layer}: input {tuple(in_hw)} padded by {tuple(padding)} is smaller than the '
+          f'{"dilated " if d > 1 else ""}kernel {tuple(kernel_size)}; the output would be empty.')
+
+
+def check_input(x: jax.Array, layer: str) -> None:
+  if x.ndim != 4:
+    raise ValueError(f'{layer} expects NHWC input of rank 4, got shape {tuple(x.shape)}.')
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default init for conv and linear weights and biases: U(-1/sqrt(fan_in), +)."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Conv2d(nn.Module):
+  """2-D convolution, NHWC, with PyTorch's padding semantics and initialization.
+
+  ``groups=in_channels`` gives a depthwise convolution. Kernels are HWIO
+  (``(kh, kw, in_channels // groups, features)``); a PyTorch OIHW weight ports as
+  ``w.transpose(2, 3, 1, 0)``.
+  """
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  stride: int | Sequence[int] = 1
+  padding: Padding = 0
+  dilation: int | Sequence[int] = 1
+  groups: int = 1
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  kernel_init: Any = None   # None: PyTorch's default
+  bias_init: Any = None     # None: PyTorch's default
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input(x, 'Conv2d')
+    kernel_size = pair(self.kernel_size, 'kernel_size')
+    stride = pair(self.stride, 'stride')
+    dilation = pair(self.dilation, 'dilation')
+    padding = explicit_padding(self.padding, kernel_size, stride, dilation)
+    in_channels = x.shape[-1]
+    if in_channels % self.groups or self.features % self.groups:
+      raise ValueError(f'Conv2d: in_channels {in_channels} and features {self.features} must both '
+                       f'be divisible by groups {self.groups}.')
+    check_output_size('Conv2d', x.shape[1:3], kernel_size, stride, padding, dilation)
+    fan_in = in_channels // self.groups * kernel_size[0] * kernel_size[1]
+    default_init = torch_uniform_init(fan_in)
+    return nn.Conv(
+        features=self.features, kernel_size=kernel_size, strides=stride, padding=padding,
+        kernel_dilation=dilation, feature_group_count=self.groups, use_bias=self.use_bias,
+        dtype=self.dtype, kernel_init=self.kernel_init or default_init,
+        bias_init=self.bias_init or default_init, name='conv')(x)
+
+
+class Linear(nn.Module):
+  """Fully connected layer with PyTorch's default initialization (kernel is (in, out))."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  kernel_init: Any = None
+  bias_init: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    default_init = torch_uniform_init(x.shape[-1])
+    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
+                    kernel_init=self.kernel_init or default_init,
+                    bias_init=self.bias_init or default_init, name='dense')(x)
+
+
+def _pool_padding(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mode: bool):
+  check_input(x, name)
+  kernel_size = pair(kernel_size, 'kernel_size')
+  stride = pair(kernel_size if stride is None else stride, 'stride')
+  padding = explicit_padding(padding, kernel_size, stride)
+  for k, (lo, hi) in zip(kernel_size, padding):
+    if lo > k // 2 or hi > k // 2:
+      raise ValueError(f'{name}: padding {padding} must be at most half the kernel {kernel_size}.')
+  check_output_size(name, x.shape[1:3], kernel_size, stride, padding)
+  if ceil_mode:  # PyTorch: round the output size up, but the last window must start inside.
+    padding = list(padding)
+    for i, (size, k, s) in enumerate(zip(x.shape[1:3], kernel_size, stride)):
+      lo, hi = padding[i]
+      out = -(-(size + lo + hi - k) // s) + 1
+      if (out - 1) * s >= size + lo:
+        out -= 1
+      padding[i] = (lo, hi + max(0, (out - 1) * s + k - (size + lo + hi)))
+    padding = tuple(padding)
+  return kernel_size, stride, padding
+
+
+class MaxPool2d(nn.Module):
+  """Max pooling like ``torch.nn.MaxPool2d`` (padded cells are -inf; stride defaults to kernel)."""
+  kernel_size: int | Sequence[int] = 2
+  stride: int | Sequence[int] | None = None
+  padding: Padding = 0
+  ceil_mode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_size, stride, padding = _pool_padding(
+        'MaxPool2d', x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+    return nn.max_pool(x, kernel_size, stride, padding)
+
+
+class AvgPool2d(nn.Module):
+  """Average pooling like ``torch.nn.AvgPool2d``: padded zeros count in the divisor by default."""
+  kernel_size: int | Sequence[int] = 2
+  stride: int | Sequence[int] | None = None
+  padding: Padding = 0
+  count_include_pad: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_size, stride, padding = _pool_padding(
+        'AvgPool2d', x, self.kernel_size, self.stride, self.padding, False)
+    return nn.avg_pool(x, kernel_size, stride, padding, count_include_pad=self.count_include_pad)
+
+
+class GlobalAvgPool(nn.Module):
+  """Mean over height and width: (N, H, W, C) -> (N, C). ``AdaptiveAvgPool2d(1)`` + flatten."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input(x, 'GlobalAvgPool')
+    return jnp.mean(x, axis=(1, 2))
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+  """``torch.nn.functional.adaptive_avg_pool2d`` for NHWC: bin i spans
+  [floor(i*H/out), ceil((i+1)*H/out)). Used by VGG and AlexNet's 7x7 / 6x6 pooling."""
+  check_input(x, 'adaptive_avg_pool')
+  out_h, out_w = pair(output_size, 'output_size')
+  h, w = x.shape[1:3]
+  if (h, w) == (out_h, out_w):
+    return x
+  if h % out_h == 0 and w % out_w == 0:  # uniform bins: one reshape
+    return x.reshape(x.shape[0], out_h, h // out_h, out_w, w // out_w, x.shape[3]).mean(axis=(2, 4))
+  rows = []
+  for i in range(out_h):
+    r0, r1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
+    cols = []
+    for j in range(out_w):
+      c0, c1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
+      cols.append(x[:, r0:r1, c0:c1, :].mean(axis=(1, 2)))
+    rows.append(jnp.stack(cols, axis=1))
+  return jnp.stack(rows, axis=1)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization over N, H, W with PyTorch's semantics.
+
+  Training (``use_running_average=False``): normalize with the batch mean and biased variance;
+  update ``batch_stats`` as ``running = momentum * running + (1 - momentum) * batch`` with the
+  *unbiased* batch variance, as PyTorch does. Evaluation: normalize with the running statistics.
+
+  ``momentum`` uses Flax's convention (weight of the old value): Flax 0.9 == PyTorch 0.1.
+  Under ``jax.jit`` with a sharded batch the statistics are global automatically; under
+  ``jax.pmap`` pass ``axis_name`` so they are averaged across devices.
+  Statistics are computed in float32 even when ``dtype`` is bfloat16.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+  axis_name: str | None = None
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    features = x.shape[-1]
+    reduce_axes = tuple(range(x.ndim - 1))
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=reduce_axes)
+      mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
+      count = math.prod(x.shape[a] for a in reduce_axes)
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        count = count * jax.lax.psum(1, self.axis_name)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        unbiased_var = var * (count / jnp.maximum(count - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased_var
+
+    inv = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      inv = inv * self.param('scale', self.scale_init, (features,), jnp.float32)
+    shift = -mean * inv
+    if self.use_bias:
+      shift = shift + self.param('bias', self.bias_init, (features,), jnp.float32)
+    dtype = self.dtype or x.dtype
+    return (x * inv.astype(dtype) + shift.astype(dtype)).astype(dtype)
+
+
+Dropout = nn.Dropout
