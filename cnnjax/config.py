@@ -1,0 +1,170 @@
+"""Experiment configs: the shared defaults, loading `experiments/<name>.py`, typed CLI overrides.
+
+An experiment is a file in `experiments/` whose `get_config()` returns an
+`ml_collections.ConfigDict` built on `base_config()`. Every field can be overridden from the
+command line as `--config.optimizer.lr=0.05`; the value is parsed as the type of the default,
+and an unknown key or a value of the wrong type is a `ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Iterable
+
+import ml_collections
+
+EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
+
+
+class ConfigError(ValueError):
+  """A bad experiment name, config key or config value (one sentence, shown by run.py)."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field any experiment may set, with its default and therefore its type."""
+  from cnnjax import optim  # late import: optim pulls in optax
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      name='convnet',
+      dtype='float32',          # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+      bn_momentum=0.9,          # Flax convention: 0.9 == PyTorch's momentum=0.1
+  ))
+  c.model.kwargs = ml_collections.ConfigDict()  # architecture options of the chosen model
+  c.data = ml_collections.ConfigDict(dict(
+      name='mnist5k',           # mnist5k | mnist | fashion_mnist | cifar10 | cifar100 | svhn_cropped | npz:<path> | folder:<path>
+      data_dir='',              # tfds data dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
+      classes=(),               # keep only these labels (relabelled 0..k-1); () = all
+      crop_padding=0,           # random crop after padding by this many pixels (0 = off)
+      pad_mode='constant',      # 'constant' (zeros) or 'reflect'
+      flip=False,               # random horizontal flip
+  ))
+  c.optimizer = optim.default_optimizer_config()
+  c.schedule = optim.default_schedule_config()
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128,           # global batch, split over all devices
+      num_epochs=10,
+      num_steps=0,              # > 0: stop after this many steps instead of num_epochs
+      eval_batch_size=500,
+      eval_every_steps=0,       # 0 = evaluate at the end of every epoch
+      label_smoothing=0.0,
+      log_every_steps=50,
+      progress_bar=True,
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=0,            # 0 = only at the end of each epoch
+      keep=3,                   # newest checkpoints kept (the best one is kept too)
+      best_metric='test_accuracy',
+  ))
+  c.transfer = ml_collections.ConfigDict(dict(
+      init_from='',             # a cnnjax workdir/checkpoint dir, or a torchvision .pth/.safetensors file
+      exclude=(),               # param path patterns not loaded (re-initialized), e.g. ('fc',)
+  ))
+  c.parallel = ml_collections.ConfigDict(dict(
+      mode='jit',               # 'jit' (mesh + sharded batch) or 'pmap'
+      coordinator_address='',   # multi-host: 'host:port' ('' = auto-detect or single host)
+      num_processes=0,
+      process_id=-1,
+  ))
+  return c
+
+
+def experiment_names() -> list[str]:
+  return sorted(p.stem for p in EXPERIMENTS_DIR.glob('*.py') if not p.stem.startswith('_'))
+
+
+def experiment_summary(name: str) -> str:
+  """The first line of an experiment file's docstring."""
+  module = _load_module(name)
+  return (module.__doc__ or '').strip().splitlines()[0] if module.__doc__ else ''
+
+
+def _load_module(name: str):
+  path = pathlib.Path(name)
+  if path.suffix != '.py':
+    path = EXPERIMENTS_DIR / f'{name}.py'
+  if not path.is_file():
+    raise ConfigError(f"unknown experiment '{name}'; choose one of: {', '.join(experiment_names())}.")
+  spec = importlib.util.spec_from_file_location(f'cnnjax_experiment_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'experiment file {path} has no get_config() function.')
+  return module
+
+
+def load_experiment(name: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`get_config()` of `experiments/<name>.py` (or a path to such a file), with overrides applied.
+
+  Overrides are 'optimizer.lr=0.05' strings (a leading '--config.' is accepted too).
+  """
+  config = _load_module(name).get_config()
+  config.experiment = pathlib.Path(name).stem
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  for item in overrides:
+    item = item.removeprefix('--').removeprefix('config.')
+    if '=' not in item:
+      raise ConfigError(f"config override '{item}' must look like --config.key=value.")
+    key, text = item.split('=', 1)
+    set_value(config, key, text)
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets dotted `key` from its string form, parsed as the type of the current value."""
+  *parents, leaf = key.split('.')
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise _unknown_key(key, '.'.join(parents[:i]), node)
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise _unknown_key(key, '.'.join(parents), node)
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"config key '{key}' is a group; set one of its fields: {', '.join(sorted(current))}.")
+  node[leaf] = _parse(key, text, current)
+
+
+def _unknown_key(key, parent, node) -> ConfigError:
+  valid = ', '.join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else ''
+  where = f" in '{parent}'" if parent else ''
+  return ConfigError(f"unknown config key '{key}'; valid keys{where}: {valid}.")
+
+
+def _parse(key: str, text: str, current):
+  expected = type(current).__name__
+  try:
+    if isinstance(current, bool):
+      lowered = text.strip().lower()
+      if lowered not in ('true', 'false', '1', '0'):
+        raise ValueError
+      return lowered in ('true', '1')
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      value = _literal(text) if text.strip() else ()
+      if not isinstance(value, (tuple, list)):
+        value = (value,)
+      return type(current)(value)
+    return _literal(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"config key '{key}' expects a {expected}, got '{text}'.") from None
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if ',' in text:
+      return tuple(part.strip() for part in text.split(','))
+    return text

@@ -1,0 +1,143 @@
+"""The train state and the two pure, jit-compiled steps: `train_step` and `eval_step`.
+
+`train_step(state, batch, recipe) -> (state, metrics)` reads top to bottom: derive this step's
+random keys from the state, augment and normalize the uint8 batch on the device, run the model
+with batch statistics, take the gradient of the (label-smoothed) cross-entropy, apply the Optax
+update, return the new state. `recipe` is static (hashable) data: what the step does, not state.
+
+BatchNorm uses batch statistics in training and the running statistics in evaluation. Under
+`jax.jit` with a batch sharded over a mesh, those statistics are global across devices; under
+`jax.pmap` set `recipe.axis_name` so gradients and statistics are averaged across devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnnjax.data import augment
+
+Batch = dict  # {'image': uint8 (N, H, W, C), 'label': int32 (N,), optional 'mask': bool (N,)}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a training run carries from one step to the next."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # the run's base key; each step folds its step number in
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecipe:
+  """What a step does, fixed for a run (a static argument of the compiled steps)."""
+  mean: tuple[float, ...]           # per-channel, in [0, 255] units
+  std: tuple[float, ...]
+  crop_padding: int = 0
+  pad_mode: str = 'constant'
+  flip: bool = False
+  label_smoothing: float = 0.0
+  frozen: tuple[str, ...] = ()      # param paths with no gradient (see optim.frozen_mask)
+  axis_name: str | None = None      # set under pmap
+
+
+def init_variables(model: nn.Module, image_shape: tuple[int, ...], rng: jax.Array) -> dict:
+  """The model's `params` and `batch_stats`, initialized on a dummy batch of one image."""
+  return jax.jit(functools.partial(model.init, train=False))(
+      {'params': rng}, jnp.zeros((1, *image_shape), jnp.float32))
+
+
+def create_train_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=rng, apply_fn=model.apply, tx=tx)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits, per example."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _split_frozen(params, frozen: tuple[str, ...]):
+  """(trainable, frozen) flat dicts keyed by 'a/b/c' paths."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  trainable = {k: v for k, v in flat.items() if k not in frozen}
+  fixed = {k: v for k, v in flat.items() if k in frozen}
+  return trainable, fixed
+
+
+def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[TrainState, dict]:
+  aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  if recipe.axis_name is not None:  # different augmentation on every device under pmap
+    aug_rng = jax.random.fold_in(aug_rng, jax.lax.axis_index(recipe.axis_name))
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(recipe.axis_name))
+  images = augment.apply(aug_rng, batch['image'], crop_padding=recipe.crop_padding,
+                         pad_mode=recipe.pad_mode, flip=recipe.flip)
+  images = augment.normalize(images, recipe.mean, recipe.std)
+  labels = batch['label']
+  trainable, fixed = _split_frozen(state.params, recipe.frozen)
+
+  def loss_fn(trainable):
+    params = flax.traverse_util.unflatten_dict({**trainable, **fixed}, sep='/')
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+    logits = logits.astype(jnp.float32)
+    loss = cross_entropy(logits, labels, recipe.label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  grads = flax.traverse_util.unflatten_dict(
+      {**grads, **jax.tree.map(jnp.zeros_like, fixed)}, sep='/')
+  metrics = {'loss': loss,
+             'accuracy': topk_correct(logits, labels, 1).mean(),
+             'top5_accuracy': topk_correct(logits, labels, 5).mean()}
+  if recipe.axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), recipe.axis_name)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> dict:
+  """Sums (not means) over the real examples of a batch, so padded rows count for nothing."""
+  images = augment.normalize(batch['image'], recipe.mean, recipe.std)
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          images, train=False).astype(jnp.float32)
+  labels = batch['label']
+  mask = batch.get('mask', jnp.ones(labels.shape, bool)).astype(jnp.float32)
+  sums = {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+          'correct': jnp.sum(topk_correct(logits, labels, 1) * mask),
+          'correct5': jnp.sum(topk_correct(logits, labels, 5) * mask),
+          'count': jnp.sum(mask)}
+  if recipe.axis_name is not None:
+    sums = jax.lax.psum(sums, recipe.axis_name)
+  return sums
+
+
+jit_train_step = jax.jit(train_step, static_argnames='recipe', donate_argnames='state')
+jit_eval_step = jax.jit(eval_step, static_argnames='recipe')

@@ -1,0 +1,67 @@
+"""Train an experiment: `python run.py --experiment cifar_resnet [--config.optimizer.lr=0.05]`.
+
+With no arguments it trains `quickstart` (offline, about a minute on a 2-core CPU).
+`--list` lists the experiments. Errors a user can cause print one sentence and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description='Train a cnnjax experiment (experiments/<name>.py).',
+      epilog='Override any config field with --config.<key>=<value>, e.g. --config.train.num_epochs=3.')
+  parser.add_argument('--experiment', default='quickstart', help='experiment name (default: quickstart)')
+  parser.add_argument('--workdir', default=None, help='where outputs go (default: runs/<experiment>)')
+  parser.add_argument('--list', action='store_true', help='list the experiments and exit')
+  parser.add_argument('--visualize', metavar='LAYER', default=None,
+                      help="write PNGs of LAYER's feature maps, the first-layer filters and the "
+                           "confusion matrix from the workdir's latest checkpoint, then exit")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith('--config.'):
+      parser.error(f"unrecognized argument '{item}' (config overrides look like --config.key=value)")
+    overrides.append(item)
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  from cnnjax import config as config_lib
+  try:
+    if args.list:
+      for name in config_lib.experiment_names():
+        print(f'{name:24s} {config_lib.experiment_summary(name)}')
+      return 0
+    config = config_lib.load_experiment(args.experiment, overrides)
+    workdir = pathlib.Path(args.workdir or pathlib.Path('runs') / config.experiment)
+    from cnnjax import runner
+    if args.visualize:
+      from cnnjax import inspect_run
+      inspect_run.visualize(config, workdir, args.visualize)
+    else:
+      runner.run(config, workdir)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    if not _is_user_error(e):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    return 130
+  return 0
+
+
+def _is_user_error(e: Exception) -> bool:
+  """User errors are cnnjax's own one-sentence exceptions (ValueError subclasses, data/checkpoint
+  problems, a NaN loss); anything else is a bug and keeps its traceback."""
+  module = type(e).__module__ or ''
+  return module.startswith('cnnjax') or type(e) in (ValueError, FileNotFoundError)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
