@@ -1,0 +1,135 @@
+"""On-device augmentation checked against NumPy: np.pad windows, np.flip, (x - mean) / std."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax.data import augment
+
+H, W, C = 6, 7, 2  # non-square, two channels: catches swapped axes
+
+
+def marker_images(n: int) -> np.ndarray:
+  """`n` copies of an image whose pixels are all distinct and non-zero (1..84)."""
+  image = (np.arange(H * W * C, dtype=np.uint8) + 1).reshape(H, W, C)
+  return np.broadcast_to(image, (n, H, W, C)).copy()
+
+
+def window_offsets(out: np.ndarray, padded: np.ndarray) -> list[tuple[int, int]]:
+  """For each output image, the (dy, dx) of the window of `padded` it equals (asserts one)."""
+  offsets = []
+  span_y, span_x = padded.shape[0] - H, padded.shape[1] - W
+  for image in out:
+    hits = [(dy, dx) for dy in range(span_y + 1) for dx in range(span_x + 1)
+            if np.array_equal(image, padded[dy:dy + H, dx:dx + W])]
+    assert len(hits) == 1, f'output is not exactly one window of the padded image: {hits}'
+    offsets.append(hits[0])
+  return offsets
+
+
+@pytest.fixture(scope='module')
+def crop_fn():
+  return jax.jit(augment.random_crop, static_argnums=(2, 3))
+
+
+@pytest.mark.parametrize('mode', ['constant', 'reflect'])
+def test_crop_is_a_window_of_the_padded_image(crop_fn, mode):
+  pad = 2
+  x = marker_images(400)
+  out = np.asarray(crop_fn(jax.random.key(0), x, pad, mode))
+  assert out.shape == x.shape and out.dtype == np.uint8
+  padded = np.pad(x[0], ((pad, pad), (pad, pad), (0, 0)), mode=mode)
+  offsets = window_offsets(out, padded)
+  # Offsets are drawn per image and cover all (2p + 1)^2 windows, roughly uniformly.
+  counts = np.zeros((2 * pad + 1, 2 * pad + 1), int)
+  for dy, dx in offsets:
+    counts[dy, dx] += 1
+  assert counts.min() > 0, counts
+  assert counts.max() < 3 * len(x) / counts.size, counts
+
+
+def test_reflect_and_zero_padding_differ(crop_fn):
+  x = marker_images(64)
+  key = jax.random.key(1)
+  zero = np.asarray(crop_fn(key, x, 3, 'constant'))
+  reflect = np.asarray(crop_fn(key, x, 3, 'reflect'))
+  # Same key, same offsets: equal where the window is the centre, else zero padding shows
+  # black pixels and reflect padding shows mirrored image pixels (never 0 in a marker image).
+  assert (zero == 0).any()
+  assert not (reflect == 0).any()
+  shifted = ~np.all(zero == x, axis=(1, 2, 3))
+  assert shifted.any()
+  assert not np.array_equal(zero[shifted], reflect[shifted])
+  np.testing.assert_array_equal(zero[~shifted], reflect[~shifted])
+
+
+def test_crop_padding_zero_is_identity():
+  x = marker_images(3)
+  np.testing.assert_array_equal(augment.random_crop(jax.random.key(0), x, 0), x)
+
+
+def test_flip_mirrors_about_half_the_images():
+  x = np.random.default_rng(0).integers(0, 256, (1000, H, W, C), dtype=np.uint8)
+  out = np.asarray(jax.jit(augment.random_flip)(jax.random.key(3), x))
+  assert out.shape == x.shape and out.dtype == np.uint8
+  mirrored = np.all(out == np.flip(x, axis=2), axis=(1, 2, 3))
+  same = np.all(out == x, axis=(1, 2, 3))
+  assert np.all(mirrored ^ same)  # each image is exactly itself or its left-right mirror
+  assert 0.45 < mirrored.mean() < 0.55
+
+
+def test_same_key_same_output_other_key_other_output(crop_fn):
+  x = np.random.default_rng(1).integers(0, 256, (32, H, W, C), dtype=np.uint8)
+  aug = jax.jit(functools.partial(augment.apply, crop_padding=2, pad_mode='reflect',
+                                  flip=True))
+  a = np.asarray(aug(jax.random.key(7), x))
+  b = np.asarray(aug(jax.random.key(7), x))
+  c = np.asarray(aug(jax.random.key(8), x))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert a.dtype == np.uint8 and a.shape == x.shape
+
+
+def test_apply_is_crop_then_flip():
+  pad = 1
+  x = marker_images(200)
+  aug = jax.jit(functools.partial(augment.apply, crop_padding=pad, pad_mode='constant',
+                                  flip=True))
+  out = np.asarray(aug(jax.random.key(5), x))
+  padded = np.pad(x[0], ((pad, pad), (pad, pad), (0, 0)))
+  flipped = np.flip(padded, axis=1)
+  n_flipped = 0
+  for image in out:
+    windows = [p[dy:dy + H, dx:dx + W] for p in (padded, flipped)
+               for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    matches = [i for i, w in enumerate(windows) if np.array_equal(image, w)]
+    assert len(matches) == 1
+    n_flipped += matches[0] >= len(windows) // 2
+  assert 0 < n_flipped < len(out)
+
+
+def test_apply_without_augmentation_is_identity():
+  x = marker_images(4)
+  np.testing.assert_array_equal(augment.apply(jax.random.key(0), x), x)
+
+
+def test_normalize_matches_numpy():
+  x = np.random.default_rng(2).integers(0, 256, (5, H, W, 3), dtype=np.uint8)
+  mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+  out = jax.jit(augment.normalize, static_argnums=(1, 2))(x, mean, std)
+  assert out.dtype == np.float32 and out.shape == x.shape
+  expected = (x.astype(np.float64) - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise_value_error():
+  x = marker_images(2)
+  with pytest.raises(ValueError, match='padding mode'):
+    augment.random_crop(jax.random.key(0), x, 2, 'wrap')
+  with pytest.raises(ValueError, match='non-negative'):
+    augment.random_crop(jax.random.key(0), x, -1)
+  with pytest.raises(ValueError, match='Reflect padding'):
+    augment.random_crop(jax.random.key(0), x, H, 'reflect')
