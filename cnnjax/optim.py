@@ -1,0 +1,366 @@
+"""Optimizers, learning-rate schedules, weight-decay masks and freezing, all built from config.
+
+Everything here is assembled from Optax pieces; the config (``ml_collections.ConfigDict``) is the
+only input. ``make_optimizer`` returns an ``optax.GradientTransformation`` plus the schedule (for
+logging); schedules are stepped once per optimizer step, epoch-valued fields are converted with
+``steps_per_epoch`` (rounded to whole steps) and count from the start of training.
+
+Parameter paths and patterns
+  A parameter's path joins its keys in the ``params`` collection with '/', e.g.
+  ``layer1_0/conv1/conv/kernel``, ``layer1_0/bn1/scale``, ``fc/dense/bias``. A pattern is a
+  regular expression that must match a whole path or a whole prefix of it ending at a '/': 'fc'
+  selects every parameter under module ``fc``, 'layer[12]_.*' everything in layer1 and layer2,
+  '.*/kernel' every kernel. A pattern that matches no parameter is an error (it is a typo).
+
+Weight decay (``weight_decay_mode``)
+  'coupled' adds ``weight_decay * param`` to the gradient before momentum/Adam, exactly like
+  ``torch.optim.SGD`` / ``torch.optim.Adam``; 'decoupled' adds it to the final direction, scaled by
+  the learning rate, exactly like ``torch.optim.AdamW`` (SGD + decoupled is SGDW). 'auto' picks
+  coupled for sgd/adam and decoupled for adamw. ``decay_bn_and_bias=False`` exempts (see
+  ``weight_decay_mask``) every parameter named ``bias`` or ``scale`` and every parameter of a
+  normalization module, i.e. a module whose name starts with 'bn' or contains '_bn' or 'norm'
+  (case-insensitive: bn1, downsample_bn, BatchNorm_0, LayerNorm_0).
+
+Fine-tuning
+  ``frozen`` patterns (or ``trainable`` patterns: everything else is frozen) get exactly zero
+  updates and no optimizer state (``optax.partition`` routes them to ``optax.set_to_zero``). The
+  train step should also stop their gradients, using ``frozen_mask`` / ``untrained_mask``, so no
+  gradient is computed for them. ``lr_multipliers`` ('pattern=factor', first match wins) scale the
+  final update of matching parameters: the discriminative learning rates of torch param groups.
+
+Gradual unfreezing (``unfreeze_after_epochs`` > 0)
+  The parameters selected by ``frozen``/``trainable`` get no updates for that many epochs; after
+  that they train too, and every learning rate is multiplied by ``unfrozen_lr_factor``. A pure
+  jitted train step cannot change the optimizer state's structure, so the design keeps everything
+  in one transformation: the late group runs its own copy of the optimizer inside
+  ``optax.conditionally_mask``, whose inner state (momentum, Adam moments and count) stays at its
+  initial value and whose updates are zero until the step count reaches the boundary. Its
+  optimizer thus starts fresh at unfreezing, like a torch param group added at that moment, and its
+  schedule is shifted so it sees the same learning rate as the rest. During the frozen phase the
+  late group's gradients are computed (the same compiled step serves both phases) unless the loop
+  recompiles at the boundary with ``untrained_mask(opt_cfg, params, epoch)``; the optimizer state
+  is the same in both phases, so that is safe. Global-norm clipping sees only the parameters that
+  are being trained at that step.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'step', 'piecewise', 'cosine', 'warmup_cosine', 'onecycle', 'linear')
+WEIGHT_DECAY_MODES = ('auto', 'coupled', 'decoupled')
+_NORM_MODULE = re.compile(r'^bn|_bn|norm', re.IGNORECASE)
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  """Every optimizer field with a typed default (see the module docstring for their meaning)."""
+  return ml_collections.ConfigDict(dict(
+      name='sgd',                 # 'sgd' | 'adam' | 'adamw'
+      lr=0.1,                     # peak learning rate; the schedule shapes it
+      momentum=0.9,               # sgd; 0 = plain SGD
+      nesterov=False,             # sgd
+      b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw (torch's defaults)
+      weight_decay=0.0,
+      weight_decay_mode='auto',   # 'auto' | 'coupled' (torch SGD/Adam) | 'decoupled' (AdamW)
+      decay_bn_and_bias=True,     # False: no decay on biases and normalization parameters
+      grad_clip_norm=0.0,         # global-norm clipping; 0 = off
+      frozen=(),                  # patterns of parameters that get no updates
+      trainable=(),               # if set, patterns of the only parameters that train
+      lr_multipliers=(),          # 'pattern=factor' strings, e.g. ('layer4=0.1',)
+      unfreeze_after_epochs=0.0,  # > 0: frozen parameters train after this many epochs
+      unfrozen_lr_factor=1.0,     # every learning rate is multiplied by this after unfreezing
+  ))
+
+
+def default_schedule_config() -> ml_collections.ConfigDict:
+  """Every schedule field with a typed default; epochs may be fractional."""
+  return ml_collections.ConfigDict(dict(
+      name='constant',   # one of SCHEDULES
+      warmup_epochs=0.0,        # linear warmup in front of any schedule but onecycle
+      warmup_start_factor=0.0,  # warmup starts at this fraction of the peak
+      step_epochs=30.0,         # 'step': multiply by decay_factor every step_epochs (StepLR)
+      boundaries_epochs=(),     # 'piecewise': multiply by decay_factor at each (MultiStepLR)
+      decay_factor=0.1,
+      final_fraction=0.0,       # cosine, warmup_cosine, linear: end at this fraction of the peak
+      pct_start=0.3,            # onecycle, as torch.optim.lr_scheduler.OneCycleLR
+      div_factor=25.0,
+      final_div_factor=1e4,
+  ))
+
+
+def _merge(cfg: Any, defaults: ml_collections.ConfigDict, what: str) -> ml_collections.ConfigDict:
+  """Defaults overridden by ``cfg`` (a ConfigDict, a dict or None); unknown keys are errors."""
+  items = {} if cfg is None else (cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
+  for key, value in items.items():
+    if key not in defaults:
+      raise ValueError(f'Unknown {what} config key {key!r}; valid keys: {", ".join(sorted(defaults))}.')
+    try:
+      defaults[key] = value
+    except TypeError as e:
+      raise ValueError(f'{what} config key {key!r}: {e}') from None
+  return defaults
+
+
+def _check_choice(value: str, choices: Iterable[str], what: str) -> None:
+  if value not in choices:
+    raise ValueError(f'Unknown {what} {value!r}; valid names: {", ".join(choices)}.')
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+
+def make_schedule(sched_cfg: Any, peak_lr: float, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """The learning rate as a function of the optimizer step (0 = before the first update).
+
+  The value at step ``n`` equals PyTorch's learning rate after ``n`` calls of
+  ``scheduler.step()`` for StepLR, MultiStepLR, CosineAnnealingLR(T_max=total_steps,
+  eta_min=final_fraction*peak), LinearLR(1, final_fraction, total_steps) and OneCycleLR
+  (anneal_strategy='cos'; momentum is not cycled).
+  """
+  cfg = _merge(sched_cfg, default_schedule_config(), 'schedule')
+  _check_choice(cfg.name, SCHEDULES, 'schedule')
+  if steps_per_epoch < 1 or total_steps < 1:
+    raise ValueError(f'steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) must be positive.')
+  to_steps = lambda epochs: int(round(epochs * steps_per_epoch))
+  warmup = to_steps(cfg.warmup_epochs)
+  if cfg.warmup_epochs < 0 or warmup >= total_steps:
+    raise ValueError(f'warmup_epochs={cfg.warmup_epochs} must be >= 0 and shorter than training '
+                     f'({total_steps} steps).')
+  if cfg.name == 'onecycle':
+    if warmup:
+      raise ValueError('The onecycle schedule warms up by pct_start; set warmup_epochs=0.')
+    return _onecycle(cfg, peak_lr, total_steps)
+  if cfg.name == 'warmup_cosine' and not warmup:
+    raise ValueError('The warmup_cosine schedule needs warmup_epochs > 0.')
+
+  decay_steps = total_steps - warmup
+  if cfg.name == 'constant':
+    main = optax.constant_schedule(peak_lr)
+  elif cfg.name in ('cosine', 'warmup_cosine'):
+    main = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=cfg.final_fraction)
+  elif cfg.name == 'linear':
+    main = optax.linear_schedule(peak_lr, cfg.final_fraction * peak_lr, decay_steps)
+  else:  # step, piecewise: boundaries are absolute epochs
+    if cfg.name == 'step':
+      if cfg.step_epochs <= 0:
+        raise ValueError(f'step_epochs must be positive, got {cfg.step_epochs}.')
+      period = to_steps(cfg.step_epochs)
+      boundaries = list(range(period, total_steps, period)) if period else []
+    else:
+      if not cfg.boundaries_epochs:
+        raise ValueError('The piecewise schedule needs boundaries_epochs, e.g. (100, 150).')
+      boundaries = [to_steps(b) for b in cfg.boundaries_epochs]
+      if any(b <= warmup for b in boundaries) or boundaries != sorted(set(boundaries)):
+        raise ValueError(f'boundaries_epochs {tuple(cfg.boundaries_epochs)} must increase and lie '
+                         f'after the warmup.')
+    main = optax.piecewise_constant_schedule(
+        peak_lr, {b - warmup: cfg.decay_factor for b in boundaries})
+  if not warmup:
+    return main
+  warm = optax.linear_schedule(cfg.warmup_start_factor * peak_lr, peak_lr, warmup)
+  return optax.join_schedules([warm, main], [warmup])
+
+
+def _onecycle(cfg: ml_collections.ConfigDict, peak_lr: float, total_steps: int) -> optax.Schedule:
+  # torch's OneCycleLR peaks at step pct_start*total - 1 and ends at total - 1 (optax's
+  # cosine_onecycle_schedule one step later), so build it from the same interpolation pieces.
+  peak_step, end_step = cfg.pct_start * total_steps - 1, total_steps - 1
+  if not 0 < peak_step < end_step:
+    raise ValueError(f'onecycle needs 0 < pct_start*total_steps - 1 < total_steps - 1, got '
+                     f'pct_start={cfg.pct_start} with {total_steps} steps.')
+  if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
+    raise ValueError('onecycle div_factor and final_div_factor must be positive.')
+  return optax.piecewise_interpolate_schedule(
+      'cosine', peak_lr / cfg.div_factor,
+      {peak_step: cfg.div_factor, end_step: 1.0 / (cfg.div_factor * cfg.final_div_factor)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter paths and masks
+
+
+def param_path(keypath: Iterable[Any]) -> str:
+  """'layer1_0/conv1/conv/kernel' for a key path from ``jax.tree_util.tree_flatten_with_path``."""
+  parts = []
+  for key in keypath:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _paths(params: Any) -> list[str]:
+  return [param_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _map_paths(fn, params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda kp, _: fn(param_path(kp)), params)
+
+
+def _compile(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(f'(?:{pattern})(?:/.*)?')
+  except re.error as e:
+    raise ValueError(f'Parameter pattern {pattern!r} is not a valid regular expression ({e}).') from None
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _matcher(params: Any, patterns: Iterable[str], what: str):
+  """A path -> bool function; raises if a pattern matches no parameter path."""
+  compiled = [_compile(p) for p in patterns]
+  paths = _paths(params)
+  for pattern, rx in zip(patterns, compiled):
+    if not any(rx.fullmatch(path) for path in paths):
+      raise ValueError(f'{what} pattern {pattern!r} matches no parameter (e.g. {paths[0]!r}).'
+                       if paths else f'{what} pattern {pattern!r} matches no parameter.')
+  return lambda path: any(rx.fullmatch(path) for rx in compiled)
+
+
+def frozen_mask(params: Any, patterns: Iterable[str]) -> Any:
+  """A pytree of bools like ``params``: True where the path matches one of ``patterns``."""
+  match = _matcher(params, _patterns(patterns), 'Frozen')
+  return _map_paths(match, params)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for parameters that decay when ``decay_bn_and_bias=False``: not a ``bias`` or ``scale``
+  and not inside a normalization module (name starting with 'bn', or containing '_bn' or 'norm')."""
+  def decays(path: str) -> bool:
+    *modules, leaf = path.split('/')
+    return leaf not in ('bias', 'scale') and not any(_NORM_MODULE.search(m) for m in modules)
+  return _map_paths(decays, params)
+
+
+def _labels(cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """'train', 'frozen' (never updated) or 'late' (frozen until unfreeze_after_epochs) per leaf."""
+  frozen = _matcher(params, _patterns(cfg.frozen), 'Frozen')
+  trainable = _matcher(params, _patterns(cfg.trainable), 'Trainable')
+  has_trainable = bool(_patterns(cfg.trainable))
+  held = 'late' if cfg.unfreeze_after_epochs > 0 else 'frozen'
+
+  def label(path: str) -> str:
+    return held if frozen(path) or (has_trainable and not trainable(path)) else 'train'
+  return _map_paths(label, params)
+
+
+def untrained_mask(opt_cfg: Any, params: Any, epoch: float | None = None) -> Any:
+  """True for parameters that get no update at ``epoch`` (None: at the start of training);
+  the train step can ``jax.lax.stop_gradient`` them so their gradients are never computed."""
+  cfg = _merge(opt_cfg, default_optimizer_config(), 'optimizer')
+  unfrozen = cfg.unfreeze_after_epochs > 0 and epoch is not None and epoch >= cfg.unfreeze_after_epochs
+  return jax.tree.map(lambda l: l == 'frozen' or (l == 'late' and not unfrozen), _labels(cfg, params))
+
+
+def _lr_factors(cfg: ml_collections.ConfigDict, params: Any) -> Any | None:
+  """Per-leaf learning-rate factor strings from 'pattern=factor' entries (first match wins)."""
+  rules = []
+  for entry in _patterns(cfg.lr_multipliers):
+    pattern, sep, factor = str(entry).rpartition('=')
+    try:
+      value = float(factor)
+    except ValueError:
+      value = -1.0
+    if not sep or not pattern or value < 0:
+      raise ValueError(f"lr_multipliers entry {entry!r} must look like 'pattern=factor' with factor >= 0.")
+    rules.append((_matcher(params, [pattern], 'lr_multipliers'), value))
+  if not rules:
+    return None
+  return _map_paths(lambda p: repr(next((v for m, v in rules if m(p)), 1.0)), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def _check_numbers(cfg: ml_collections.ConfigDict) -> None:
+  _check_choice(cfg.name, OPTIMIZERS, 'optimizer')
+  _check_choice(cfg.weight_decay_mode, WEIGHT_DECAY_MODES, 'weight_decay_mode')
+  if cfg.name == 'adamw' and cfg.weight_decay_mode == 'coupled':
+    raise ValueError("adamw decays decoupled by definition; use name='adam' for coupled weight decay.")
+  checks = [('lr', cfg.lr > 0), ('momentum', 0 <= cfg.momentum < 1), ('b1', 0 <= cfg.b1 < 1),
+            ('b2', 0 <= cfg.b2 < 1), ('eps', cfg.eps >= 0), ('weight_decay', cfg.weight_decay >= 0),
+            ('grad_clip_norm', cfg.grad_clip_norm >= 0),
+            ('unfreeze_after_epochs', cfg.unfreeze_after_epochs >= 0),
+            ('unfrozen_lr_factor', cfg.unfrozen_lr_factor >= 0)]
+  for key, ok in checks:
+    if not ok:
+      raise ValueError(f'optimizer {key}={cfg[key]} is out of range.')
+  if cfg.nesterov and (cfg.name != 'sgd' or cfg.momentum == 0):
+    raise ValueError('nesterov=True needs the sgd optimizer with momentum > 0.')
+
+
+def _core(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Weight decay + momentum/Adam + learning rate for the parameters that train."""
+  mode = cfg.weight_decay_mode
+  if mode == 'auto':
+    mode = 'decoupled' if cfg.name == 'adamw' else 'coupled'
+  decay = []
+  if cfg.weight_decay:
+    decay = [optax.add_decayed_weights(
+        cfg.weight_decay, mask=None if cfg.decay_bn_and_bias else weight_decay_mask)]
+  if cfg.name == 'sgd':
+    direction = [optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)] if cfg.momentum else []
+  else:
+    direction = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+  return optax.chain(*(decay if mode == 'coupled' else []), *direction,
+                     *(decay if mode == 'decoupled' else []), optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_steps: int,
+                   params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer for ``params`` (the 'params' collection) and its learning-rate schedule.
+
+  The returned schedule is the learning rate of the parameters without a multiplier, including
+  the ``unfrozen_lr_factor`` drop when gradual unfreezing is on. Patterns are validated against
+  ``params`` here; the label functions are re-evaluated from the tree they are given, so a dict or
+  a FrozenDict with the same paths both work.
+  """
+  cfg = _merge(opt_cfg, default_optimizer_config(), 'optimizer')
+  _check_numbers(cfg)
+  base = make_schedule(sched_cfg, cfg.lr, steps_per_epoch, total_steps)
+  labels = lambda tree: _labels(cfg, tree)
+  present = set(jax.tree.leaves(labels(params)))
+  factors = _lr_factors(cfg, params)  # validates lr_multipliers now
+
+  schedule, transforms, gates = base, {}, {'train': optax.identity()}
+  if 'frozen' in present:
+    transforms['frozen'] = gates['frozen'] = optax.set_to_zero()
+  if cfg.unfreeze_after_epochs > 0:
+    boundary = int(round(cfg.unfreeze_after_epochs * steps_per_epoch))
+    if 'late' not in present:
+      raise ValueError('unfreeze_after_epochs needs frozen or trainable patterns to unfreeze.')
+    if not 0 < boundary < total_steps:
+      raise ValueError(f'unfreeze_after_epochs={cfg.unfreeze_after_epochs} must fall inside '
+                       f'training ({total_steps} steps).')
+    factor = cfg.unfrozen_lr_factor
+    schedule = lambda step: base(step) * jnp.where(step >= boundary, factor, 1.0)
+    late_schedule = lambda count: schedule(count + boundary)  # its count starts at the boundary
+    unfrozen = lambda count: count >= boundary
+    transforms['late'] = optax.conditionally_mask(_core(cfg, late_schedule), unfrozen)
+    gates['late'] = optax.conditionally_mask(optax.identity(), unfrozen)
+
+  transforms['train'] = _core(cfg, schedule)
+  chain = []
+  if cfg.grad_clip_norm:
+    if present != {'train'}:  # clip over the parameters being trained at this step only
+      chain.append(optax.partition(gates, labels))
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  chain.append(optax.partition(transforms, labels) if present != {'train'} else transforms['train'])
+  if factors is not None:
+    scales = {f: optax.scale(float(f)) for f in set(jax.tree.leaves(factors))}
+    chain.append(optax.partition(scales, lambda tree: _lr_factors(cfg, tree)))
+  return optax.chain(*chain), schedule
