@@ -1,0 +1,326 @@
+"""Checkpoints of a whole `TrainState` through orbax-checkpoint's `CheckpointManager`.
+
+`Checkpoints(workdir / 'checkpoints', config.checkpoint)` saves asynchronously (the device-to-host
+copy blocks, the file writing does not), keeps the newest `keep` checkpoints plus the best one by
+`best_metric`, and restores the newest *valid* checkpoint: one that cannot be read is moved aside
+to `<directory>/corrupt/` with a warning and the previous one is used. Orbax writes each step into
+a temporary directory that is renamed only when complete, so a process killed in the middle of a
+save leaves nothing that restores wrong (the leftover is removed on the next start).
+
+A checkpoint holds the state as plain arrays (the typed PRNG key as its raw `key_data`) in the
+item `state`, and a JSON item `meta` with the step, the data position (epoch, step in epoch,
+steps per epoch) and the key's implementation. Arrays are restored into the shardings of the
+state passed to `restore_latest`, so a checkpoint saved on 8 devices restores on 1 and back.
+`load_variables(path)` reads just `params` and `batch_stats` of any cnnjax checkpoint (for
+transfer learning).
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+_FORMAT = 1  # bump when the layout of `state` or `meta` changes
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used (one sentence naming the file or directory and why)."""
+
+
+def minimizes(metric: str) -> bool:
+  """Whether a smaller value of `metric` is better (losses and errors)."""
+  return metric.endswith(('loss', 'error', 'err'))
+
+
+def _is_typed_key(x) -> bool:
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def state_tree(state) -> dict:
+  """The arrays of a TrainState as a plain dict (the typed key as its raw uint32 data)."""
+  rng = jax.random.key_data(state.rng) if _is_typed_key(state.rng) else state.rng
+  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state, 'rng': rng}
+
+
+def path_str(path) -> str:
+  """'params/layer1_0/conv1/conv/kernel' for a jax key path."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {path_str(p): tuple(getattr(leaf, 'shape', ())) for p, leaf in leaves}
+
+
+def describe_mismatch(source: dict, target: dict, limit: int = 6) -> str:
+  """'missing a, b; unexpected c; shape mismatch d (3, 2) vs (3, 5)' or '' when they match."""
+  def listing(items):
+    items = sorted(items)
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+  missing = [p for p in target if p not in source]
+  unexpected = [p for p in source if p not in target]
+  shapes = [f'{p} {source[p]} vs {target[p]}' for p in target
+            if p in source and tuple(source[p]) != tuple(target[p])]
+  parts = []
+  if missing:
+    parts.append(f'missing {listing(missing)}')
+  if unexpected:
+    parts.append(f'unexpected {listing(unexpected)}')
+  if shapes:
+    parts.append(f'shape mismatch (file vs model) {listing(shapes)}')
+  return '; '.join(parts)
+
+
+def _metadata_tree(metadata):
+  """The tree of ArrayMetadata inside whatever wrapper this orbax version returns."""
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  return getattr(metadata, 'tree', metadata)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Checkpoints:
+  """Saves, keeps and restores the checkpoints of one run in `directory`.
+
+  Args:
+    directory: where the step directories go (created if missing).
+    config: `config.checkpoint`: `keep` (newest checkpoints kept), `best_metric` (a metric passed
+      to `save`, e.g. 'test_accuracy'; names ending in loss/error are minimized; '' = no best),
+      `every_steps` (read by the loop).
+    steps_per_epoch: if given, stored with each checkpoint and checked on restore, because the
+      data order (a function of epoch and step in epoch) only continues exactly when it matches.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, config: ml_collections.ConfigDict,
+               steps_per_epoch: int | None = None):
+    self.directory = pathlib.Path(directory).absolute()
+    if self.directory.exists() and not self.directory.is_dir():
+      raise CheckpointError(f'checkpoint directory {self.directory} is a file, not a directory.')
+    if int(config.keep) < 1:
+      raise CheckpointError(f'checkpoint.keep must be at least 1, got {config.keep}.')
+    self.best_metric = str(config.best_metric)
+    self.steps_per_epoch = steps_per_epoch
+    keep = [policies.LatestN(n=int(config.keep))]
+    best_fn = None
+    if self.best_metric:
+      best_fn = lambda metrics: float(metrics[self.best_metric])  # pylint: disable=unnecessary-lambda-assignment
+      keep.append(policies.BestN(get_metric_fn=best_fn, reverse=minimizes(self.best_metric),
+                                 n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(  # best_fn also makes orbax write the metrics to disk
+        preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=best_fn,
+        best_mode='min' if minimizes(self.best_metric) else 'max',
+        cleanup_tmp_directories=True, create=True, enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step() if self.best_metric else None
+
+  def save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> None:
+    """Starts an asynchronous save of `state` as `step` (a step already saved is skipped).
+
+    `metrics` (e.g. {'test_accuracy': 0.98}) ranks the checkpoint for `best_metric`. A state
+    with NaN or infinite parameters is not saved (with a warning), so it can never push a good
+    checkpoint out. `force=True` (a preemption) also waits until the files are written.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      if self.best_metric and self.best_metric not in metrics:
+        raise CheckpointError(
+            f"checkpoint.best_metric '{self.best_metric}' is not among the metrics saved with "
+            f"the checkpoints in {self.directory}: {', '.join(sorted(metrics))}.")
+    if not bool(_all_finite(state.params)):
+      warnings.warn(f'not saving step {step} to {self.directory}: the parameters are not finite.')
+      return
+    meta = {'format': _FORMAT, 'step': step,
+            'rng_impl': str(jax.random.key_impl(state.rng)) if _is_typed_key(state.rng) else '',
+            'steps_per_epoch': self.steps_per_epoch}
+    if self.steps_per_epoch:
+      meta['epoch'], meta['step_in_epoch'] = divmod(step, self.steps_per_epoch)
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_tree(state)), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+    if force:
+      self._manager.wait_until_finished()
+
+  def restore_latest(self, state):
+    """`state` with the arrays of the newest readable checkpoint (unchanged if there is none).
+
+    Raises CheckpointError when the checkpoint belongs to another architecture or optimizer
+    (naming the mismatched paths) or was written with another number of steps per epoch.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return state
+    target = state_tree(state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    broken = []
+    for step in steps:
+      step_dir = self.directory / str(step)
+      try:
+        saved_shapes = shapes_by_path(_metadata_tree(self._manager.item_metadata(step)['state']))
+      except Exception as e:  # pylint: disable=broad-except
+        broken.append((step, e))
+        continue
+      self._check_fits(step_dir, saved_shapes, shapes_by_path(target))
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        meta = dict(restored['meta'])
+        if int(restored['state']['step']) != step or int(meta['step']) != step:
+          raise ValueError(f'it holds step {int(restored["state"]["step"])}, not {step}')
+      except Exception as e:  # pylint: disable=broad-except
+        broken.append((step, e))
+        continue
+      self._check_data_position(step_dir, meta)
+      self._set_aside(broken)
+      return self._replace(state, restored['state'], meta)
+    raise CheckpointError(
+        f'no checkpoint in {self.directory} is readable (steps {", ".join(map(str, steps))}; '
+        f'newest error: {type(broken[0][1]).__name__}: {broken[0][1]}).')
+
+  @staticmethod
+  def _check_fits(step_dir: pathlib.Path, saved: dict, target: dict) -> None:
+    """Raises naming the mismatched paths: model variables first, then the optimizer state."""
+    def part(shapes, prefixes):
+      return {p: s for p, s in shapes.items() if p.startswith(prefixes)}
+    model = ('params/', 'batch_stats/')
+    mismatch = describe_mismatch(part(saved, model), part(target, model))
+    if mismatch:
+      raise CheckpointError(
+          f'checkpoint {step_dir} is of another architecture ({mismatch}); use another workdir, '
+          f'or transfer.init_from with transfer.exclude to load the parts that fit.')
+    mismatch = describe_mismatch(saved, target)
+    if mismatch:
+      raise CheckpointError(
+          f'checkpoint {step_dir} was written with another optimizer configuration ({mismatch}); '
+          f'use another workdir with transfer.init_from={step_dir} to start from its weights.')
+
+  def _check_data_position(self, step_dir: pathlib.Path, meta: dict) -> None:
+    saved = meta.get('steps_per_epoch')
+    if self.steps_per_epoch and saved and int(saved) != self.steps_per_epoch:
+      raise CheckpointError(
+          f'checkpoint {step_dir} was written with {saved} steps per epoch but this run has '
+          f'{self.steps_per_epoch} (the batch size or the data changed), so the data order '
+          f'cannot continue exactly; use a new workdir with transfer.init_from={step_dir}.')
+    if saved and 'epoch' in meta:
+      if int(meta['epoch']) * int(saved) + int(meta['step_in_epoch']) != int(meta['step']):
+        raise CheckpointError(f'checkpoint {step_dir} has an inconsistent data position {meta}.')
+
+  def _set_aside(self, broken: list[tuple[int, Exception]]) -> None:
+    """Moves unreadable checkpoints newer than the restored one out of the way (never deletes)."""
+    if not broken:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory / 'corrupt'
+      aside.mkdir(exist_ok=True)
+      for step, error in broken:
+        destination = aside / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+        warnings.warn(f'checkpoint {self.directory / str(step)} is unreadable '
+                      f'({type(error).__name__}: {str(error)[:300]}); moved it to {destination} '
+                      f'and resumed from the previous valid checkpoint.')
+        shutil.move(str(self.directory / str(step)), str(destination))
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes('cnnjax_checkpoint_set_aside')
+    self._manager.reload()
+
+  @staticmethod
+  def _replace(state, tree: dict, meta: dict):
+    rng = tree['rng']
+    if meta.get('rng_impl'):
+      rng = jax.random.wrap_key_data(rng, impl=meta['rng_impl'])
+    return state.replace(step=tree['step'], params=tree['params'],
+                         batch_stats=tree['batch_stats'], opt_state=tree['opt_state'], rng=rng)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the asynchronous saves to finish and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpoints':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+  """The step directory `path` names: a step directory, a checkpoints directory (its newest step)
+  or a workdir holding `checkpoints/`."""
+  path = pathlib.Path(path).expanduser().absolute()
+  if not path.exists():
+    raise CheckpointError(f'checkpoint path {path} does not exist.')
+  if not path.is_dir():
+    raise CheckpointError(f'{path} is a file, not a cnnjax checkpoint directory.')
+  if (path / 'state').is_dir():
+    return path
+  for candidate in (path / 'checkpoints', path):
+    steps = sorted((int(p.name) for p in candidate.glob('*')
+                    if p.name.isdigit() and (p / 'state').is_dir()), reverse=True)
+    if steps:
+      return candidate / str(steps[0])
+  raise CheckpointError(f'{path} holds no cnnjax checkpoint (no <step>/state directory in it or '
+                        f'in {path / "checkpoints"}).')
+
+
+def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
+  """({'params': ..., 'batch_stats': ...} as host NumPy arrays, step directory) of a checkpoint."""
+  step_dir = find_checkpoint(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    saved = _metadata_tree(checkpointer.metadata(step_dir / 'state'))
+    if not isinstance(saved, dict) or 'params' not in saved:
+      raise CheckpointError(f'{step_dir} is not a cnnjax checkpoint (it has no params).')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+
+    def wanted(path, leaf):
+      if path[0].key in ('params', 'batch_stats'):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+      return ocp.PLACEHOLDER
+    target = jax.tree_util.tree_map_with_path(wanted, saved)
+    restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {step_dir} is unreadable ({type(e).__name__}: '
+                          f'{str(e)[:300]}).') from e
+  variables = {k: jax.device_get(restored[k]) for k in ('params', 'batch_stats')
+               if restored.get(k)}
+  return variables, step_dir

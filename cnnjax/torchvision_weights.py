@@ -1,0 +1,151 @@
+"""torchvision state_dicts -> cnnjax variables: one declarative name map and the tensor layouts.
+
+A torchvision key maps by string rewriting (cnnjax's models mirror torchvision's module names, see
+cnnjax/models/common.py): a Sequential index joins its container with '_' (``layer1.0.conv1`` ->
+``layer1_0/conv1``, ``features.0`` -> ``features_0``), every other '.' is a Flax scope, and the
+leaf is renamed by the kind of module it belongs to (`LEAVES`). The kind is read off the file
+itself: a module with a ``running_mean`` is a BatchNorm, a 4-D ``weight`` a Conv2d, a 2-D one a
+Linear. Tensor layouts: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out), and the first Linear
+after a flatten (`NCHW_FLATTEN`) gets its input rows reordered from torch's C,H,W flatten order
+to cnnjax's H,W,C.
+
+Files are read without unpickling arbitrary objects: ``.safetensors`` through safetensors' NumPy
+reader (no torch needed), ``.pth``/``.pt`` only through ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+
+# (module kind, torch leaf) -> (cnnjax collection, cnnjax leaf path, layout conversion);
+# None: the tensor is not used (BatchNorm's counter; cnnjax's momentum is fixed).
+LEAVES = {
+    ('conv', 'weight'): ('params', 'conv/kernel', 'oihw_to_hwio'),
+    ('conv', 'bias'): ('params', 'conv/bias', None),
+    ('linear', 'weight'): ('params', 'dense/kernel', 'transpose'),
+    ('linear', 'bias'): ('params', 'dense/bias', None),
+    ('bn', 'weight'): ('params', 'scale', None),
+    ('bn', 'bias'): ('params', 'bias', None),
+    ('bn', 'running_mean'): ('batch_stats', 'mean', None),
+    ('bn', 'running_var'): ('batch_stats', 'var', None),
+    ('bn', 'num_batches_tracked'): None,
+}
+
+# model name pattern -> (the Linear right after torch.flatten of an NCHW map, its (H, W)).
+NCHW_FLATTEN = {
+    r'vgg\d+(_bn)?': ('classifier_0', (7, 7)),
+    r'alexnet': ('classifier_1', (6, 6)),
+}
+
+SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
+class WeightsFileError(ValueError):
+  """A weights file that cannot be read or does not hold a torchvision state_dict."""
+
+
+def module_path(torch_module: str) -> str:
+  """'layer1.0.downsample.0' -> 'layer1_0/downsample_0' (the naming rule of cnnjax.models)."""
+  return re.sub(r'\.(\d+)', r'_\1', torch_module).replace('.', '/')
+
+
+def module_kinds(state_dict: dict[str, np.ndarray]) -> dict[str, str]:
+  """torch module name -> 'bn' | 'conv' | 'linear', read off the tensors the module has."""
+  kinds = {}
+  for key, value in state_dict.items():
+    module, _, leaf = key.rpartition('.')
+    if leaf == 'running_mean':
+      kinds[module] = 'bn'
+    elif leaf == 'weight' and kinds.get(module) != 'bn':
+      kinds[module] = {4: 'conv', 2: 'linear', 1: 'bn'}.get(np.ndim(value), 'unknown')
+  return kinds
+
+
+def _flatten_layer(model_name: str) -> tuple[str, tuple[int, int]] | None:
+  for pattern, entry in NCHW_FLATTEN.items():
+    if re.fullmatch(pattern, model_name):
+      return entry
+  return None
+
+
+def nchw_rows_to_nhwc(kernel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Reorders the rows of an (in, out) kernel whose input was flattened C,H,W to H,W,C order."""
+  h, w = hw
+  c = kernel.shape[0] // (h * w)
+  return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+
+
+def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 'the file'
+            ) -> dict[tuple[str, str], np.ndarray]:
+  """{(collection, 'layer1_0/conv1/conv/kernel'): array} from a torchvision state_dict."""
+  kinds = module_kinds(state_dict)
+  flatten = _flatten_layer(model_name)
+  out = {}
+  for key, value in state_dict.items():
+    module, _, leaf = key.rpartition('.')
+    kind = kinds.get(module, 'unknown')
+    if (kind, leaf) not in LEAVES:
+      raise WeightsFileError(f"{source}: tensor '{key}' of shape {tuple(np.shape(value))} is not "
+                             f"a Conv2d, Linear or BatchNorm parameter cnnjax can map.")
+    rule = LEAVES[(kind, leaf)]
+    if rule is None:
+      continue
+    collection, leaf_path, layout = rule
+    value = np.asarray(value)
+    if layout == 'oihw_to_hwio':
+      value = value.transpose(2, 3, 1, 0)
+    elif layout == 'transpose':
+      value = value.T
+      if flatten and module_path(module) == flatten[0]:
+        value = nchw_rows_to_nhwc(value, flatten[1])
+    out[(collection, f'{module_path(module)}/{leaf_path}')] = value
+  return out
+
+
+def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The tensors of a .safetensors or .pth/.pt state_dict file, as float NumPy arrays."""
+  suffix = path.suffix.lower()
+  if suffix == '.safetensors':
+    try:
+      from safetensors.numpy import load_file
+    except ImportError:
+      raise WeightsFileError(f'reading {path} needs the safetensors package '
+                             f'(pip install safetensors).') from None
+    try:
+      return dict(load_file(str(path)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise WeightsFileError(f'{path} is not a readable safetensors file ({e}).') from None
+  if suffix in ('.pth', '.pt'):
+    try:
+      import torch
+    except ImportError:
+      raise WeightsFileError(f'reading {path} needs PyTorch (pip install torch), or convert it to '
+                             f'.safetensors (safetensors.torch.save_file) elsewhere.') from None
+    try:
+      loaded = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise WeightsFileError(f'{path} is not a PyTorch weights file that loads with '
+                             f'weights_only=True ({str(e).splitlines()[0][:200]}).') from None
+    return _tensors_of(loaded, path, torch)
+  raise WeightsFileError(f'{path} is not a weights file cnnjax reads: expected '
+                         f'{", ".join(SUFFIXES)} or a cnnjax checkpoint directory.')
+
+
+def _tensors_of(loaded, path: pathlib.Path, torch) -> dict[str, np.ndarray]:
+  """The state_dict inside what torch.load returned (a bare one, or under 'state_dict'/'model')."""
+  if isinstance(loaded, dict):
+    for wrapper in ('state_dict', 'model_state_dict', 'model'):
+      if isinstance(loaded.get(wrapper), dict):
+        loaded = loaded[wrapper]
+        break
+  if not isinstance(loaded, dict) or not loaded or not all(
+      isinstance(v, torch.Tensor) for v in loaded.values()):
+    raise WeightsFileError(f'{path} does not hold a state_dict (a dict of tensor names to tensors).')
+  out = {}
+  for key, tensor in loaded.items():
+    key = key.removeprefix('module.')  # saved from DataParallel
+    out[key] = tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else \
+        tensor.detach().cpu().numpy()
+  return out

@@ -1,0 +1,119 @@
+"""Transfer learning: load pretrained weights into freshly initialized variables, strictly.
+
+`init_from_pretrained(variables, config.transfer, model_name)` is what the training loop calls
+(after initializing the model, before resuming, so a resumed run keeps its own weights). The
+source `transfer.init_from` is
+
+* a cnnjax checkpoint: a workdir, its `checkpoints/` directory, or one step directory in it;
+* a torchvision state_dict: `.safetensors` (no torch needed) or `.pth`/`.pt` (read with
+  `torch.load(weights_only=True)`), for resnet18/34/50/101/152, vgg11/13/16/19(_bn) and alexnet
+  (see cnnjax/torchvision_weights.py for the name map and layouts).
+
+Strict by default: every parameter and BatchNorm statistic of the model must be in the source with
+the same shape, and every array of the source must be used, unless its path matches one of
+`transfer.exclude` (same pattern syntax as `optimizer.frozen`: a regular expression matching a
+whole path like 'fc/dense/kernel' or a prefix ending at '/', so 'fc' is the ResNet head). Excluded
+model variables keep their fresh initialization (the head when `num_classes` differs). Anything
+else is refused with a CheckpointError listing the paths.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cnnjax import checkpoint, torchvision_weights
+from cnnjax.checkpoint import CheckpointError
+
+Flat = dict[tuple[str, str], np.ndarray]  # {(collection, 'a/b/kernel'): array}
+COLLECTIONS = ('params', 'batch_stats')
+
+
+def flatten_variables(variables: dict) -> Flat:
+  flat = {}
+  for collection in COLLECTIONS:
+    for path, value in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(variables.get(collection, {})), sep='/').items():
+      flat[(collection, path)] = value
+  return flat
+
+
+def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
+  """(flat variables, a description for messages) of a checkpoint directory or weights file."""
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise CheckpointError(f'transfer.init_from {path} does not exist.')
+  if path.is_dir():
+    variables, step_dir = checkpoint.load_variables(path)
+    return flatten_variables(variables), f'checkpoint {step_dir}'
+  try:
+    state_dict = torchvision_weights.read_state_dict(path)
+    return torchvision_weights.convert(state_dict, model_name, str(path)), f'weights file {path}'
+  except torchvision_weights.WeightsFileError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def _compile(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(f'(?:{pattern})(?:/.*)?')
+  except re.error as e:
+    raise CheckpointError(f'transfer.exclude pattern {pattern!r} is not a valid regular '
+                          f'expression ({e}).') from None
+
+
+def merge(variables: dict, source: Flat, exclude: Iterable[str] = (), what: str = 'the source',
+          model_name: str = 'the model') -> tuple[dict, list[str]]:
+  """`variables` with every array taken from `source` except the excluded paths.
+
+  Returns (new variables, sorted paths left freshly initialized). Raises CheckpointError naming
+  every missing, unexpected and shape-mismatched path that no `exclude` pattern explains.
+  """
+  exclude = tuple(exclude)
+  patterns = [_compile(p) for p in exclude]
+  target = flatten_variables(variables)
+  for pattern, rx in zip(exclude, patterns):
+    if not any(rx.fullmatch(path) for _, path in [*target, *source]):
+      raise CheckpointError(f'transfer.exclude pattern {pattern!r} matches no variable of '
+                            f'{model_name} or {what} (e.g. {next(iter(target))[1]!r}).')
+
+  def excluded(key):
+    return any(rx.fullmatch(key[1]) for rx in patterns)
+
+  def name(key):
+    return f'{key[0]}/{key[1]}'
+  wanted = {name(k): tuple(np.shape(v)) for k, v in target.items() if not excluded(k)}
+  given = {name(k): tuple(np.shape(v)) for k, v in source.items() if not excluded(k)}
+  mismatch = checkpoint.describe_mismatch(given, wanted)
+  if mismatch:
+    raise CheckpointError(
+        f'{what} does not fit {model_name} ({mismatch}); if these should stay freshly '
+        f'initialized (e.g. the classifier head when num_classes differs), list them in '
+        f'transfer.exclude.')
+  fresh = sorted(name(k) for k in target if excluded(k))
+  merged = {k: (jnp.asarray(source[k], dtype=v.dtype) if not excluded(k) else v)
+            for k, v in target.items()}
+  out = dict(variables)
+  for collection in COLLECTIONS:
+    if collection in variables:
+      out[collection] = flax.traverse_util.unflatten_dict(
+          {path: v for (c, path), v in merged.items() if c == collection}, sep='/')
+  return out, fresh
+
+
+def init_from_pretrained(variables: dict, transfer_config: ml_collections.ConfigDict,
+                         model_name: str) -> dict:
+  """`variables` with the weights of `transfer_config.init_from` loaded (unchanged if it is '')."""
+  if not transfer_config.init_from:
+    return variables
+  source, what = load_source(transfer_config.init_from, model_name)
+  merged, fresh = merge(variables, source, transfer_config.exclude, what, model_name)
+  if jax.process_index() == 0:
+    kept = f'; freshly initialized: {", ".join(fresh)}' if fresh else ''
+    print(f'transfer: {model_name} initialized from {what}{kept}')
+  return merged
