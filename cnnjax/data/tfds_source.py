@@ -11,6 +11,7 @@ TPU, so it never takes an accelerator from JAX.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -115,19 +116,32 @@ def _not_available(name: str, data_dir: str, builder, urls: list[str]) -> DataEr
       f'TFDS_DATA_DIR (or data_dir) at a folder that holds it.')
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 def prepared_builder(name: str, data_dir: str | None = None, download: bool = True):
   """The tfds builder of `name` under the resolved data dir, downloading only when reachable."""
   tfds = import_tfds()
   data_dir = resolve_data_dir(data_dir)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _quiet_absl():  # "Variant folder ... has no dataset_info.json" is our error's job
+      builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'tensorflow-datasets has no dataset named {name!r}.') from e
   except (ValueError, AssertionError) as e:  # a bad config or version in the name
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(f'tensorflow-datasets cannot build {name!r}: {first_line}') from e
-  if builder.is_prepared():
-    return builder
+  with _quiet_absl():
+    if builder.is_prepared():
+      return builder
   urls = _download_urls(name, builder)
   if not download or not reachable(urls):
     raise _not_available(name, data_dir, builder, urls)
