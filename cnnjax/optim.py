@@ -102,8 +102,9 @@ def _merge(cfg: Any, defaults: ml_collections.ConfigDict, what: str) -> ml_colle
       raise ValueError(f'Unknown {what} config key {key!r}; valid keys: {", ".join(sorted(defaults))}.')
     try:
       defaults[key] = value
-    except TypeError as e:
-      raise ValueError(f'{what} config key {key!r}: {e}') from None
+    except TypeError:
+      raise ValueError(f'{what} config key {key!r} must be of type '
+                       f'{type(defaults[key]).__name__}, got {value!r}.') from None
   return defaults
 
 
@@ -150,10 +151,10 @@ def make_schedule(sched_cfg: Any, peak_lr: float, steps_per_epoch: int,
     main = optax.linear_schedule(peak_lr, cfg.final_fraction * peak_lr, decay_steps)
   else:  # step, piecewise: boundaries are absolute epochs
     if cfg.name == 'step':
-      if cfg.step_epochs <= 0:
-        raise ValueError(f'step_epochs must be positive, got {cfg.step_epochs}.')
       period = to_steps(cfg.step_epochs)
-      boundaries = list(range(period, total_steps, period)) if period else []
+      if period < 1:
+        raise ValueError(f'step_epochs={cfg.step_epochs} must be at least one step long.')
+      boundaries = list(range(period, total_steps, period))
     else:
       if not cfg.boundaries_epochs:
         raise ValueError('The piecewise schedule needs boundaries_epochs, e.g. (100, 150).')

@@ -21,7 +21,7 @@ def schedule_values(name, total=TOTAL, **fields):
   cfg.name = name
   cfg.update(fields)
   sched = optim.make_schedule(cfg, PEAK, SPE, total)
-  return np.asarray(jax.vmap(sched)(jnp.arange(total)), np.float64)
+  return np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(total)), np.float64)
 
 
 def torch_lrs(make_scheduler, total=TOTAL):
@@ -106,7 +106,7 @@ def test_onecycle_formula():
 ])
 def test_schedules_match_torch(name, fields, make):
   want = torch_lrs(make)
-  np.testing.assert_allclose(schedule_values(name, **fields), want, rtol=2e-5, atol=1e-9)
+  np.testing.assert_allclose(schedule_values(name, **fields), want, rtol=1e-5, atol=PEAK * 1e-6)
 
 
 # --------------------------------------------------------------------------- optimizers vs torch
@@ -220,11 +220,15 @@ def test_paths_and_weight_decay_mask(net_params):
 def _run(cfg, params, steps, spe=2, total=8, sched=None):
   tx, schedule = optim.make_optimizer(cfg, sched, spe, total, params)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
-  update = jax.jit(tx.update)
+
+  @jax.jit
+  def step(p, s):
+    u, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, u), s
   history, state = [params], tx.init(params)
   for _ in range(steps):
-    u, state = update(grads, state, history[-1])
-    history.append(optax.apply_updates(history[-1], u))
+    p, state = step(history[-1], state)
+    history.append(p)
   return history, state, schedule
 
 
@@ -242,7 +246,8 @@ def test_weight_decay_exempts_bn_and_bias(net_params):
 def test_frozen_get_no_updates_and_no_state(net_params):
   for fields in (dict(frozen=('layer1_0', 'conv1')), dict(trainable=('fc',))):
     cfg = optim.default_optimizer_config()
-    cfg.update(dict(fields, name='adam', lr=0.01, weight_decay=0.1, grad_clip_norm=0.1))
+    cfg.update(dict(fields, name='adam', lr=0.01, weight_decay=0.1, decay_bn_and_bias=False,
+                     grad_clip_norm=0.1))
     history, state, _ = _run(cfg, net_params, 3)
     for path, new in flat(history[-1]).items():
       same = np.array_equal(new, flat(net_params)[path])
@@ -298,7 +303,8 @@ def test_lr_multipliers(net_params):
     (dict(lr_multipliers=('body=0.1',)), None, r"lr_multipliers pattern 'body' matches no"),
     (dict(frozen=('fc[',)), None, r"'fc\[' is not a valid regular expression"),
     (dict(lr_rate=0.1), None, r"Unknown optimizer config key 'lr_rate'"),
-    (dict(lr='fast'), None, r"optimizer config key 'lr'"),
+    (dict(lr='fast'), None, r"optimizer config key 'lr' must be of type float, got 'fast'"),
+    (None, dict(name='step', step_epochs=0.0), r'must be at least one step long'),
     (dict(name='adamw', weight_decay_mode='coupled'), None, r"use name='adam'"),
     (dict(weight_decay_mode='l2'), None, r"Unknown weight_decay_mode 'l2'"),
     (dict(momentum=0.0, nesterov=True), None, r'nesterov=True needs'),
