@@ -38,8 +38,9 @@ Gradual unfreezing (``unfreeze_after_epochs`` > 0)
   optimizer thus starts fresh at unfreezing, like a torch param group added at that moment, and its
   schedule is shifted so it sees the same learning rate as the rest. During the frozen phase the
   late group's gradients are computed (the same compiled step serves both phases) unless the loop
-  recompiles at the boundary with ``untrained_mask(opt_cfg, params, epoch)``; the optimizer state
-  is the same in both phases, so that is safe. Global-norm clipping sees only the parameters that
+  recompiles at step ``unfreeze_step(opt_cfg, steps_per_epoch)`` with
+  ``untrained_mask(opt_cfg, params, step, steps_per_epoch)``; the optimizer state is the same in
+  both phases, so that is safe. Global-norm clipping sees only the parameters that
   are being trained at that step.
 """
 from __future__ import annotations
@@ -258,11 +259,21 @@ def _labels(cfg: ml_collections.ConfigDict, params: Any) -> Any:
   return _map_paths(label, params)
 
 
-def untrained_mask(opt_cfg: Any, params: Any, epoch: float | None = None) -> Any:
-  """True for parameters that get no update at ``epoch`` (None: at the start of training);
+def unfreeze_step(opt_cfg: Any, steps_per_epoch: int) -> int | None:
+  """The optimizer step at which gradual unfreezing happens (None when it is off)."""
+  cfg = _merge(opt_cfg, default_optimizer_config(), 'optimizer')
+  if cfg.unfreeze_after_epochs <= 0:
+    return None
+  return int(round(cfg.unfreeze_after_epochs * steps_per_epoch))
+
+
+def untrained_mask(opt_cfg: Any, params: Any, step: int | None = None,
+                   steps_per_epoch: int | None = None) -> Any:
+  """True for parameters that get no update at optimizer ``step`` (None: the first step);
   the train step can ``jax.lax.stop_gradient`` them so their gradients are never computed."""
   cfg = _merge(opt_cfg, default_optimizer_config(), 'optimizer')
-  unfrozen = cfg.unfreeze_after_epochs > 0 and epoch is not None and epoch >= cfg.unfreeze_after_epochs
+  boundary = None if step is None else unfreeze_step(cfg, steps_per_epoch)
+  unfrozen = boundary is not None and step >= boundary
   return jax.tree.map(lambda l: l == 'frozen' or (l == 'late' and not unfrozen), _labels(cfg, params))
 
 
@@ -336,12 +347,14 @@ def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_ste
   labels = lambda tree: _labels(cfg, tree)
   present = set(jax.tree.leaves(labels(params)))
   factors = _lr_factors(cfg, params)  # validates lr_multipliers now
+  if present == {'frozen'}:
+    raise ValueError('The frozen/trainable patterns freeze every parameter; nothing would train.')
 
   schedule, transforms, gates = base, {}, {'train': optax.identity()}
   if 'frozen' in present:
     transforms['frozen'] = gates['frozen'] = optax.set_to_zero()
   if cfg.unfreeze_after_epochs > 0:
-    boundary = int(round(cfg.unfreeze_after_epochs * steps_per_epoch))
+    boundary = unfreeze_step(cfg, steps_per_epoch)
     if 'late' not in present:
       raise ValueError('unfreeze_after_epochs needs frozen or trainable patterns to unfreeze.')
     if not 0 < boundary < total_steps:

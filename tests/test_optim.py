@@ -278,7 +278,8 @@ def test_gradual_unfreezing_starts_fresh_at_lower_rate(net_params):
   # the head keeps its momentum and drops to the lower rate too: 0.02 * 0.5 * (1 + .9 + .9^2 + .9^3)
   np.testing.assert_allclose(deltas[3]['fc/dense/kernel'], -0.02 * 0.5 * 3.439, rtol=1e-5)
   assert float(schedule(2)) == pytest.approx(0.2) and float(schedule(3)) == pytest.approx(0.02)
-  masks = [flat(optim.untrained_mask(cfg, net_params, e)) for e in (None, 1.0, 1.5)]
+  assert optim.unfreeze_step(cfg, 2) == 3 and optim.unfreeze_step({}, 2) is None
+  masks = [flat(optim.untrained_mask(cfg, net_params, t, 2)) for t in (None, 2, 3)]
   assert masks[0] == masks[1] and masks[0]['conv1/conv/kernel'] and not any(masks[2].values())
 
 
@@ -298,6 +299,7 @@ def test_lr_multipliers(net_params):
     (dict(name='lamb'), None, r"Unknown optimizer 'lamb'; valid names: sgd, adam, adamw"),
     (None, dict(name='cosin'), r"Unknown schedule 'cosin'; valid names: constant, step"),
     (dict(frozen=('layer9',)), None, r"Frozen pattern 'layer9' matches no parameter"),
+    (dict(frozen=('.*',)), None, r'freeze every parameter'),
     (dict(trainable=('head',)), None, r"Trainable pattern 'head' matches no parameter"),
     (dict(lr_multipliers=('fc',)), None, r"lr_multipliers entry 'fc' must look like"),
     (dict(lr_multipliers=('body=0.1',)), None, r"lr_multipliers pattern 'body' matches no"),
