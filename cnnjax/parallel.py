@@ -1,16 +1,39 @@
-"""Where arrays live: a 1-D data mesh over all devices, the batch sharded, the state replicated.
+"""Where arrays live and how the compiled steps run on many devices and hosts.
 
-`jax.jit` over this mesh is the default parallelism: every device computes on its slice of the
-global batch, XLA inserts the gradient all-reduce, and BatchNorm statistics are global because
-the model sees one logical (sharded) batch.
+Two strategies with one interface (`DataParallel`), chosen by `config.parallel.mode`:
+
+* 'jit' (default): `jax.jit` over a 1-D mesh of all devices. The batch is sharded along the
+  mesh axis (`NamedSharding`), the train state is replicated; XLA inserts the gradient
+  all-reduce, and BatchNorm statistics are global because the model sees one logical batch.
+* 'pmap': `jax.pmap` with the axis name `AXIS`. Each device runs `train.train_step` on its
+  slice; the step `pmean`s gradients and metrics over `AXIS` (`StepRecipe.axis_name`) and the
+  model's BatchNorm layers average their statistics over it (build the model with
+  `bn_axis_name=AXIS`). The state goes in and comes out unmapped (`in_axes=None`,
+  `out_axes=None`), so in both modes the state between steps is the same replicated global
+  array and checkpoints do not depend on the mode.
+
+Multi-host: `initialize_distributed` starts JAX's distributed runtime; every process then feeds
+only its own rows of each global batch (`process_rows`) and `put_batch` assembles the global
+array. The loop:
+
+  strategy = parallel.DataParallel.create(config.parallel.mode)
+  state = strategy.put_state(state)
+  state, metrics = strategy.train_step(state, strategy.put_batch(local_batch), recipe)
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXIS = 'data'
+from cnnjax import train
+
+AXIS = 'data'       # the mesh axis under 'jit' and the pmap axis name under 'pmap'
+MODES = ('jit', 'pmap')
 
 
 class BatchSplitError(ValueError):
@@ -18,7 +41,10 @@ class BatchSplitError(ValueError):
 
 
 def data_mesh(devices=None) -> Mesh:
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+  """A 1-D mesh; devices ordered by process so each host's rows of a batch are contiguous."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (AXIS,))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'train.batch_size') -> int:
@@ -36,7 +62,142 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Turns this process's part of the global batch into globally sharded arrays."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  """Turns this process's rows of the global batch into globally sharded arrays."""
+  sharding = NamedSharding(mesh, P(AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def process_rows(global_batch: int) -> slice:
+  """This process's rows of every global batch (all rows on a single host)."""
+  per_process = global_batch // jax.process_count()
+  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> bool:
+  """Starts JAX's multi-host runtime when this is one process of several; True if it did.
+
+  Sources, first match wins: the arguments (`config.parallel`), the environment
+  (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), then a cluster JAX
+  detects itself (SLURM with several tasks, a multi-host Cloud TPU slice). With none of them it
+  does nothing (one process). Must run before JAX touches a device.
+  """
+  if jax.distributed.is_initialized():
+    return False
+  env = os.environ
+  address = coordinator_address or env.get('JAX_COORDINATOR_ADDRESS', '')
+  if not num_processes and env.get('JAX_NUM_PROCESSES'):
+    num_processes = int(env['JAX_NUM_PROCESSES'])
+  if process_id < 0 and env.get('JAX_PROCESS_ID'):
+    process_id = int(env['JAX_PROCESS_ID'])
+  if address:
+    jax.distributed.initialize(address, num_processes=num_processes or None,
+                               process_id=process_id if process_id >= 0 else None)
+    return True
+  if _in_multi_process_cluster(env):
+    jax.distributed.initialize()  # JAX reads the cluster's own description
+    return True
+  return False
+
+
+def _in_multi_process_cluster(env) -> bool:
+  if int(env.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_JOB_ID' in env:
+    return True
+  hosts = env.get('TPU_WORKER_HOSTNAMES') or env.get('TPU_PROCESS_ADDRESSES') or ''
+  return len([h for h in hosts.split(',') if h.strip()]) > 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataParallel:
+  """Places state and batches and runs the compiled train/eval steps for one mode."""
+  mode: str
+  mesh: Mesh
+
+  @classmethod
+  def create(cls, mode: str = 'jit', devices=None) -> 'DataParallel':
+    if mode not in MODES:
+      raise ValueError(f"parallel.mode must be one of {', '.join(MODES)}, got '{mode}'.")
+    return cls(mode, data_mesh(devices))
+
+  @property
+  def axis_name(self) -> str | None:
+    """What the step and BatchNorm average over: AXIS under pmap, None under jit."""
+    return AXIS if self.mode == 'pmap' else None
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  @property
+  def local_devices(self) -> list:
+    return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+
+  def describe(self, global_batch: int) -> str:
+    """One start-up line: devices, hosts, global and per-device batch."""
+    per_device = check_batch_size(global_batch, self.mesh)
+    kind = self.mesh.devices.flat[0].device_kind
+    return (f'devices: {self.num_devices} x {kind} ({self.mode}) on {jax.process_count()} '
+            f'host(s); global batch {global_batch}, {per_device} per device')
+
+  def put_state(self, state):
+    """The state replicated on every device (the form both steps take and return)."""
+    return replicate(state, self.mesh)
+
+  def put_batch(self, local_batch: dict) -> dict:
+    """This process's rows of a global batch, laid out for the step."""
+    if self.mode == 'jit':
+      return shard_batch(local_batch, self.mesh)
+    n = len(self.local_devices)
+    out = {}
+    for key, value in local_batch.items():
+      value = np.asarray(value)
+      if len(value) % n:
+        raise BatchSplitError(f'a batch of {len(value)} rows does not divide over {n} local '
+                              f'devices.')
+      out[key] = value.reshape(n, len(value) // n, *value.shape[1:])
+    return out
+
+  def train_step(self, state, batch: dict, recipe: train.StepRecipe):
+    """(state, metrics): one optimizer step on the global batch; metrics are global means."""
+    self._check_recipe(recipe)
+    if self.mode == 'jit':
+      return _jit_steps(self.mesh)[0](state, batch, recipe)
+    return self._global(_pmap_train_step(state, batch, recipe))
+
+  def eval_step(self, state, batch: dict, recipe: train.StepRecipe) -> dict:
+    """Sums of loss/correct/correct5/count over the global batch's real rows."""
+    self._check_recipe(recipe)
+    if self.mode == 'jit':
+      return _jit_steps(self.mesh)[1](state, batch, recipe)
+    return self._global(_pmap_eval_step(state, batch, recipe))
+
+  def _check_recipe(self, recipe: train.StepRecipe) -> None:
+    if recipe.axis_name != self.axis_name:
+      raise ValueError(f"the step recipe's axis_name is {recipe.axis_name!r} but parallel "
+                       f"mode '{self.mode}' needs {self.axis_name!r}.")
+
+  def _global(self, tree):
+    """pmap returns unmapped outputs per host under multi-host: make them global again."""
+    if jax.process_count() == 1:
+      return tree
+    from jax.experimental import multihost_utils
+    return multihost_utils.host_local_array_to_global_array(tree, self.mesh, P())
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_steps(mesh: Mesh):
+  """train_step and eval_step compiled for `mesh`, their outputs pinned replicated."""
+  replicated = NamedSharding(mesh, P())
+  train_fn = jax.jit(train.train_step, static_argnames='recipe', donate_argnames='state',
+                     out_shardings=replicated)
+  eval_fn = jax.jit(train.eval_step, static_argnames='recipe', out_shardings=replicated)
+  return train_fn, eval_fn
+
+
+# The state is broadcast in and comes back unmapped (identical on every device: gradients and
+# BatchNorm statistics are averaged over AXIS inside the step); the batch is mapped on axis 0.
+_pmap_train_step = jax.pmap(train.train_step, AXIS, in_axes=(None, 0, None), out_axes=None,
+                            static_broadcasted_argnums=2, donate_argnums=0)
+_pmap_eval_step = jax.pmap(train.eval_step, AXIS, in_axes=(None, 0, None), out_axes=None,
+                           static_broadcasted_argnums=2)

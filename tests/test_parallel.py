@@ -1,0 +1,129 @@
+"""Data parallelism: one device, 8 devices under jit sharding and 8 under pmap train alike.
+
+The 8 simulated CPU devices need a fresh JAX, so the trajectories are computed in a child
+process (this file run as a script) and compared here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS, BATCH, DEVICES = 10, 32, 8
+
+
+def _child() -> dict:
+  import jax
+  jax.config.update('jax_num_cpu_devices', DEVICES)
+  import flax
+  import flax.linen as nn
+  import numpy as np
+  import optax
+
+  from cnnjax import layers, parallel, train
+
+  class TinyNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pool -> fc: BN couples the examples of a batch."""
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = layers.Conv2d(8, 3, padding=1, use_bias=False, name='conv1')(x)
+      x = layers.BatchNorm(axis_name=self.bn_axis_name, name='bn1')(x, not train)
+      x = layers.GlobalAvgPool()(nn.relu(x))
+      return layers.Linear(5, name='fc')(x)
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (STEPS, BATCH, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 5, (STEPS, BATCH)).astype(np.int32)
+  eval_batch = {'image': images[0], 'label': labels[0], 'mask': np.arange(BATCH) < BATCH - 5}
+
+  # On the host: every run gets fresh device buffers (the steps donate the state).
+  variables = jax.device_get(train.init_variables(TinyNet(), (8, 8, 3), jax.random.key(1)))
+
+  def trajectory(mode, devices, augment):
+    strategy = parallel.DataParallel.create(mode, devices)
+    model = TinyNet(bn_axis_name=strategy.axis_name)
+    state = train.create_train_state(model, variables, optax.sgd(0.05, momentum=0.9),
+                                     jax.random.key(2))
+    recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name,
+                              crop_padding=2 if augment else 0, flip=augment)
+    state = strategy.put_state(state)
+    losses = []
+    for step in range(STEPS):
+      batch = strategy.put_batch({'image': images[step], 'label': labels[step]})
+      state, metrics = strategy.train_step(state, batch, recipe)
+      losses.append(float(metrics['loss']))
+    sums = strategy.eval_step(state, strategy.put_batch(eval_batch), recipe)
+    leaves = flax.traverse_util.flatten_dict({'params': state.params,
+                                              'batch_stats': state.batch_stats}, sep='/')
+    replicated = all(leaf.sharding.is_fully_replicated for leaf in leaves.values())
+    return (np.array(losses), {k: np.asarray(v) for k, v in leaves.items()},
+            {k: float(v) for k, v in sums.items()}, replicated)
+
+  def rel(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+  out = {}
+  for augment, modes in ((False, ('jit', 'pmap')), (True, ('jit',))):
+    ref_loss, ref_params, ref_sums, _ = trajectory('jit', jax.devices()[:1], augment)
+    key = 'augment' if augment else 'plain'
+    out[key] = {'loss_first_last': [float(ref_loss[0]), float(ref_loss[-1])],
+                'ref_eval_count': ref_sums['count']}
+    for mode in modes:
+      loss, params, sums, replicated = trajectory(mode, None, augment)
+      out[key][mode] = {
+          'loss': float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss))),
+          'params': max(rel(params[k], ref_params[k]) for k in ref_params),
+          'eval': max(abs(sums[k] - ref_sums[k]) / max(abs(ref_sums[k]), 1e-30)
+                      for k in ref_sums),
+          'replicated': replicated,
+      }
+  try:
+    parallel.check_batch_size(30, parallel.data_mesh())
+  except parallel.BatchSplitError as e:
+    out['split_error'] = str(e)
+  return out
+
+
+@pytest.fixture(scope='module')
+def result():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_eight_devices_follow_the_one_device_trajectory(result, mode):
+  errors = result['plain'][mode]
+  assert errors['loss'] <= 1e-5, errors
+  assert errors['params'] <= 1e-5, errors
+  assert errors['eval'] <= 1e-5, errors
+  assert errors['replicated'], 'the state between steps must be replicated on every device'
+  first, last = result['plain']['loss_first_last']
+  assert last < first, 'the reference run must actually train for the comparison to mean much'
+
+
+def test_jit_sharding_keeps_the_augmentation_randomness(result):
+  errors = result['augment']['jit']
+  assert errors['loss'] <= 1e-5 and errors['params'] <= 1e-5, errors
+
+
+def test_masked_rows_do_not_count(result):
+  assert result['plain']['ref_eval_count'] == BATCH - 5
+
+
+def test_global_batch_must_divide_over_devices(result):
+  assert result['split_error'] == ('train.batch_size=30 does not divide over 8 devices; use a '
+                                   'multiple of 8.')
+
+
+if __name__ == '__main__':
+  print(json.dumps(_child()))
