@@ -139,6 +139,7 @@ def _unknown_key(key, parent, node) -> ConfigError:
 
 def _parse(key: str, text: str, current):
   expected = type(current).__name__
+  expected = ('an ' if expected[0] in 'aeiou' else 'a ') + expected
   try:
     if isinstance(current, bool):
       lowered = text.strip().lower()
@@ -158,7 +159,7 @@ def _parse(key: str, text: str, current):
       return type(current)(value)
     return _literal(text)
   except (ValueError, SyntaxError):
-    raise ConfigError(f"config key '{key}' expects a {expected}, got '{text}'.") from None
+    raise ConfigError(f"config key '{key}' expects {expected}, got '{text}'.") from None
 
 
 def _literal(text: str):

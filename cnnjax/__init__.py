@@ -1,0 +1,15 @@
+"""cnnjax: convolutional networks in pure-functional JAX/Flax, verified against PyTorch.
+
+>>> import cnnjax
+>>> model = cnnjax.get_model('resnet18', num_classes=10)
+>>> print(cnnjax.summary(model, (1, 224, 224, 3)))
+
+Submodules: layers, reference, shapes, blocks, models, data, optim, train, runner, parallel,
+checkpoint, transfer, viz. `import cnnjax` does not import TensorFlow or PyTorch.
+"""
+from cnnjax import layers
+from cnnjax.models import activations, get_model, model_names
+from cnnjax.summary import summary
+
+__version__ = '0.1.0'
+__all__ = ['layers', 'get_model', 'model_names', 'activations', 'summary']
