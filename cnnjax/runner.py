@@ -7,6 +7,7 @@ order and random keys as an uninterrupted run (both are derived from the step nu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import signal
@@ -26,12 +27,14 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
+def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset,
+                bn_axis_name: str | None = None):
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(config.model.dtype)
   if dtype is None:
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got '{config.model.dtype}'.")
   return models.get_model(config.model.name, num_classes=dataset.num_classes,
                           in_channels=dataset.x_train.shape[-1], dtype=dtype,
+                          **({'bn_axis_name': bn_axis_name} if bn_axis_name else {}),
                           **config.model.kwargs.to_dict())
 
 
@@ -51,13 +54,13 @@ def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
 
 
 def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: int,
-             recipe: train.StepRecipe, mesh) -> dict:
+             recipe: train.StepRecipe, strategy: parallel.DataParallel) -> dict:
   """Loss, top-1 and top-5 accuracy over every example of (x, y) exactly once."""
   lo, hi = _process_slice(batch_size)
   totals = None
   for batch in data.eval_batches(x, y, batch_size):
     local = {k: v[lo:hi] for k, v in batch.items()}
-    sums = train.jit_eval_step(state, parallel.shard_batch(local, mesh), recipe)
+    sums = strategy.eval_step(state, strategy.put_batch(local), recipe)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -65,18 +68,30 @@ def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: 
           'top5_accuracy': float(totals['correct5']) / count, 'count': count}
 
 
-def frozen_paths(params, patterns) -> tuple[str, ...]:
-  """'a/b/kernel' paths of the parameters that get no gradient at all."""
-  if not patterns:
-    return ()
-  flat = flax.traverse_util.flatten_dict(optim.frozen_mask(params, tuple(patterns)), sep='/')
-  return tuple(sorted(path for path, frozen in flat.items() if frozen))
+def untrained_paths(config, params, step: int, steps_per_epoch: int) -> tuple[str, ...]:
+  """'a/b/kernel' paths of the parameters that get no update at `step`: the train step computes
+  no gradient for them (frozen, outside `trainable`, or not yet unfrozen)."""
+  mask = optim.untrained_mask(config.optimizer, params, step, steps_per_epoch)
+  flat = flax.traverse_util.flatten_dict(mask, sep='/')
+  return tuple(sorted(path for path, untrained in flat.items() if untrained))
 
 
 def _process_slice(global_batch: int) -> tuple[int, int]:
   """This process's rows of every global batch (all rows on a single host)."""
   per_process = global_batch // jax.process_count()
   return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Value checks the types of a ConfigDict cannot express (types are checked on assignment)."""
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps'):
+    if config.train[key] <= 0:
+      raise ValueError(f'train.{key} must be a positive integer, got {config.train[key]}.')
+  for key in ('num_epochs', 'num_steps', 'eval_every_steps'):
+    if config.train[key] < 0:
+      raise ValueError(f'train.{key} must be >= 0, got {config.train[key]}.')
+  if not config.train.num_epochs and not config.train.num_steps:
+    raise ValueError('set train.num_epochs or train.num_steps to a positive number.')
 
 
 class _Preemption:
@@ -104,16 +119,19 @@ class _Preemption:
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final summary."""
   workdir = pathlib.Path(workdir)
+  check_config(config)
+  parallel.initialize_distributed(config.parallel.coordinator_address,
+                                  config.parallel.num_processes, config.parallel.process_id)
   primary = jax.process_index() == 0
   t_start = time.time()
-  mesh = parallel.data_mesh()
-  per_device = parallel.check_batch_size(config.train.batch_size, mesh)
+  strategy = parallel.DataParallel.create(config.parallel.mode)
+  mesh = strategy.mesh
+  parallel.check_batch_size(config.train.batch_size, mesh)
   parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   dataset = load_data(config)
-  model = build_model(config, dataset)
+  model = build_model(config, dataset, strategy.axis_name)
   if primary:
-    print(f'devices: {mesh.devices.size} x {jax.devices()[0].platform} on {jax.process_count()} '
-          f'host(s); global batch {config.train.batch_size}, {per_device} per device')
+    print(strategy.describe(config.train.batch_size))
     print(f'data: {dataset.name} {len(dataset.x_train)} train / {len(dataset.x_test)} test, '
           f'{dataset.x_train.shape[1:]} images, {dataset.num_classes} classes')
 
@@ -125,61 +143,68 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, steps_per_epoch,
                                       total_steps, variables['params'])
   state = train.create_train_state(model, variables, tx, state_rng)
-  frozen = frozen_paths(variables['params'], config.optimizer.frozen)
 
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoint)
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoint, steps_per_epoch)
   state = ckpts.restore_latest(state)
-  state = parallel.replicate(state, mesh)
-  recipe = make_recipe(config, dataset, frozen)
-  records = recorder.Recorder(workdir, enabled=primary)
+  state = strategy.put_state(state)
   start_step = int(state.step)
+  unfreeze_at = optim.unfreeze_step(config.optimizer, steps_per_epoch)
+  recipe = make_recipe(config, dataset, untrained_paths(config, variables['params'], start_step,
+                                                        steps_per_epoch), strategy.axis_name)
+  records = recorder.Recorder(workdir, enabled=primary)
   if primary and start_step:
     print(f'resumed from step {start_step} in {workdir}')
 
   history, best = [], {'accuracy': -1.0, 'step': 0}
   lo, hi = _process_slice(config.train.batch_size)
-  images_seen, train_seconds, pending = 0, 0.0, []
   eval_every = config.train.eval_every_steps or steps_per_epoch
   progress = _progress_bar(config, total_steps, start_step, primary)
-  step = start_step
+  throughput = _Throughput(config.train.batch_size)
+  pending, step = [], start_step
   with _Preemption() as preemption:
     for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps):
-      t0 = time.time()
+      if step_index == unfreeze_at:  # gradual unfreezing: the step now differentiates everything
+        recipe = make_recipe(config, dataset, untrained_paths(
+            config, variables['params'], step_index, steps_per_epoch), strategy.axis_name)
       local = {k: v[lo:hi] for k, v in batch.items()}
-      state, metrics = train.jit_train_step(state, parallel.shard_batch(local, mesh), recipe)
+      state, metrics = strategy.train_step(state, strategy.put_batch(local), recipe)
       pending.append(metrics)
       step = step_index + 1
       progress.update(1)
       if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
         summary = _mean_metrics(jax.device_get(pending))  # the one host sync per log interval
-        train_seconds += time.time() - t0
-        images_seen += config.train.batch_size * len(pending)
+        throughput.count(len(pending))
         pending = []
         if not math.isfinite(summary['loss']):
           raise TrainingError(f'the loss became {summary["loss"]} at step {step}; lower the '
                               f'learning rate (optimizer.lr) — the last good checkpoint is kept.')
         records.write(step, 'train', {**summary, 'lr': float(schedule(step - 1))})
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}',
-                             img_s=f'{images_seen / max(train_seconds, 1e-9):.0f}')
-      else:
-        train_seconds += time.time() - t0
+                             img_s=f'{throughput.images_per_second():.0f}')
       if step % eval_every == 0 or step == total_steps:
-        test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
-                        recipe, mesh)
-        records.write(step, 'test', test)
-        history.append({'step': step, **test})
-        if test['accuracy'] > best['accuracy']:
-          best = {'accuracy': test['accuracy'], 'step': step}
-        if primary:
-          progress.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
-                         f'test loss {test["loss"]:.4f}, accuracy {test["accuracy"]:.2%}')
-        ckpts.save(step, state, metrics={'test_accuracy': test['accuracy'],
-                                         'test_loss': test['loss']})
+        with throughput.paused():
+          test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
+                          recipe, strategy)
+          records.write(step, 'test', test)
+          history.append({'step': step, **test})
+          if test['accuracy'] > best['accuracy']:
+            best = {'accuracy': test['accuracy'], 'step': step}
+          if primary:
+            progress.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
+                           f'test loss {test["loss"]:.4f}, accuracy {test["accuracy"]:.2%}')
+          ckpts.save(step, state, metrics={'test_accuracy': test['accuracy'],
+                                           'test_loss': test['loss']})
       elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-        ckpts.save(step, state)
+        with throughput.paused():
+          ckpts.save(step, state)
       if preemption.requested:
         ckpts.save(step, state, force=True)
         break
+  if not history:  # nothing left to train (a finished run was rerun): evaluate what is there
+    test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
+                    strategy)
+    history.append({'step': step, **test})
+    best = {'accuracy': test['accuracy'], 'step': step}
   progress.close()
   ckpts.close()  # waits for asynchronous saves
   records.close()
@@ -189,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
       'experiment': config.get('experiment', ''), 'steps': step,
       'final_test_accuracy': history[-1]['accuracy'] if history else float('nan'),
       'best_test_accuracy': best['accuracy'], 'best_step': best['step'],
-      'wall_seconds': wall, 'train_images_per_second': images_seen / max(train_seconds, 1e-9),
+      'wall_seconds': wall, 'train_images_per_second': throughput.images_per_second(),
       'preempted': preemption.requested,
   }
   if primary:
@@ -201,6 +226,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
           f"{best['accuracy']:.2%} (step {best['step']}); {wall:.1f} s wall, "
           f"{result['train_images_per_second']:.0f} train images/s; outputs in {workdir}")
   return result
+
+
+class _Throughput:
+  """Training images per second, from the end of the first (compiling) log interval on,
+  excluding the time spent in evaluation and checkpointing."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.steps, self.seconds, self._since = 0, 0.0, None
+
+  def count(self, steps: int) -> None:
+    now = time.time()
+    if self._since is not None:  # the first interval includes compilation: not counted
+      self.steps += steps
+      self.seconds += now - self._since
+    self._since = now
+
+  def images_per_second(self) -> float:
+    return self.steps * self.batch_size / self.seconds if self.seconds else float('nan')
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.time()
+    yield
+    if self._since is not None:
+      self._since += time.time() - start
 
 
 def _batches(dataset, config, steps_per_epoch, start_step, total_steps):

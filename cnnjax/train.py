@@ -117,7 +117,7 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
     grads, metrics = jax.lax.pmean((grads, metrics), recipe.axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree_utils.tree_norm(grads)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, metrics
