@@ -1,0 +1,149 @@
+"""The model zoo: every CNN by name, and the activations of any named layer.
+
+>>> model = get_model('resnet18', num_classes=10)
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+>>> logits = model.apply(variables, images)                     # eval mode
+>>> feature_map = activations(model, variables, images, 'layer1_0')
+
+Every model is a Flax Linen module with fields ``num_classes``, ``in_channels`` and ``dtype`` (the
+compute dtype; parameters stay float32 and logits are returned as float32) and is called as
+``model.apply(variables, x, train=False)`` on NHWC input. In training
+(``train=True, mutable=['batch_stats'], rngs={'dropout': key}``) BatchNorm uses batch statistics
+and updates its running ones, and dropout/stochastic depth draw from the 'dropout' rng.
+Submodule names follow torchvision's state_dict keys (see cnnjax/models/common.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+
+from cnnjax.models.alexnet import AlexNet
+from cnnjax.models.efficientnet import EfficientNet, EfficientNetB0
+from cnnjax.models.googlenet import GoogLeNet
+from cnnjax.models.lenet import LeNet5
+from cnnjax.models.mobilenet import MobileNetV2
+from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
+                                  ResNet152, SmallResNet)
+from cnnjax.models.simple import ConvNet, TutorialNet
+from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
+                               VGG19BN)
+
+MODELS = {
+    'tutorial_net': TutorialNet,
+    'lenet5': LeNet5,
+    'convnet': ConvNet,
+    'alexnet': AlexNet,
+    'vgg11': VGG11,
+    'vgg13': VGG13,
+    'vgg16': VGG16,
+    'vgg19': VGG19,
+    'vgg11_bn': VGG11BN,
+    'vgg13_bn': VGG13BN,
+    'vgg16_bn': VGG16BN,
+    'vgg19_bn': VGG19BN,
+    'googlenet': GoogLeNet,
+    'resnet18': ResNet18,
+    'resnet34': ResNet34,
+    'resnet50': ResNet50,
+    'resnet101': ResNet101,
+    'resnet152': ResNet152,
+    'cifar_resnet18': CifarResNet18,
+    'small_resnet': SmallResNet,
+    'efficientnet_b0': EfficientNetB0,
+    'mobilenet_v2': MobileNetV2,
+}
+
+
+def model_names() -> list[str]:
+  """The names ``get_model`` accepts, in the order of ``MODELS``."""
+  return list(MODELS)
+
+
+def _model_class(constructor: Any) -> type[nn.Module]:
+  while isinstance(constructor, functools.partial):
+    constructor = constructor.func
+  return constructor
+
+
+def model_options(name: str) -> list[str]:
+  """The keyword arguments model ``name`` accepts (its dataclass fields)."""
+  cls = _model_class(_lookup(name))
+  return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')]
+
+
+def _lookup(name: str) -> Any:
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODELS)}.')
+  return MODELS[name]
+
+
+def get_model(name: str, num_classes: int | None = None, in_channels: int | None = None,
+              **kwargs: Any) -> nn.Module:
+  """Builds model ``name``; ``None`` keeps the model's default class/channel count."""
+  constructor = _lookup(name)
+  options = model_options(name)
+  for key in kwargs:
+    if key not in options:
+      raise ValueError(f'Model {name!r} has no option {key!r}; valid options: '
+                       f'{", ".join(options)}.')
+  if num_classes is not None:
+    kwargs['num_classes'] = num_classes
+  if in_channels is not None:
+    kwargs['in_channels'] = in_channels
+  return constructor(**kwargs)
+
+
+def _flax_path(layer: str) -> str:
+  """Accepts 'layer1_0/conv1' or torchvision's 'layer1.0.conv1' and returns the former."""
+  return re.sub(r'\.(\d+)', r'_\1', layer).replace('.', '/')
+
+
+def layer_names(model: nn.Module, variables: Any, x: jax.Array) -> list[str]:
+  """Every submodule path whose output ``activations`` can return, sorted (traced, not run)."""
+  apply = functools.partial(model.apply, capture_intermediates=True, mutable=['intermediates'])
+  _, state = jax.eval_shape(apply, variables, x)
+  names = []
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if key == '__call__':
+        if prefix:
+          names.append('/'.join(prefix))
+      elif isinstance(value, Mapping):
+        walk(value, prefix + (key,))
+  walk(state['intermediates'], ())
+  return names
+
+
+def _parent(path: str) -> str:
+  return path.rsplit('/', 1)[0] if '/' in path else ''
+
+
+def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> jax.Array:
+  """Output of submodule ``layer`` (e.g. 'layer1_0', 'features_3', 'inception3a/branch1') for
+  input ``x`` in evaluation mode. Raises a ValueError listing valid layers for an unknown one."""
+  path = _flax_path(layer)
+  names = layer_names(model, variables, x)
+  if path not in names:
+    parent = _parent(path) if _parent(path) in names else ''
+    options = [n for n in names if _parent(n) == parent]
+    raise ValueError(f'{type(model).__name__} has no layer {layer!r}; valid layers'
+                     f'{" under " + repr(parent) if parent else ""}: {", ".join(options)}.')
+  target = tuple(path.split('/'))
+  _, state = model.apply(variables, x, mutable=['intermediates'],
+                         capture_intermediates=lambda mdl, method: (
+                             method == '__call__' and mdl.path == target))
+  node = state['intermediates']
+  for key in target:
+    node = node[key]
+  return node['__call__'][0]
+
+
+__all__ = ['MODELS', 'model_names', 'model_options', 'get_model', 'layer_names', 'activations',
+           'AlexNet', 'ConvNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MobileNetV2', 'ResNet',
+           'TutorialNet', 'VGG']
