@@ -59,7 +59,7 @@ def module_kinds(state_dict: dict[str, np.ndarray]) -> dict[str, str]:
     if leaf == 'running_mean':
       kinds[module] = 'bn'
     elif leaf == 'weight' and kinds.get(module) != 'bn':
-      kinds[module] = {4: 'conv', 2: 'linear', 1: 'bn'}.get(np.ndim(value), 'unknown')
+      kinds[module] = {4: 'conv', 2: 'linear', 1: 'bn'}.get(len(value.shape), 'unknown')
   return kinds
 
 
@@ -73,13 +73,20 @@ def _flatten_layer(model_name: str) -> tuple[str, tuple[int, int]] | None:
 def nchw_rows_to_nhwc(kernel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   """Reorders the rows of an (in, out) kernel whose input was flattened C,H,W to H,W,C order."""
   h, w = hw
+  if kernel.shape[0] % (h * w):
+    raise WeightsFileError(f'a Linear with {kernel.shape[0]} inputs cannot follow a flattened '
+                           f'{h}x{w} feature map.')
   c = kernel.shape[0] // (h * w)
   return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
 
 
 def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 'the file'
             ) -> dict[tuple[str, str], np.ndarray]:
-  """{(collection, 'layer1_0/conv1/conv/kernel'): array} from a torchvision state_dict."""
+  """{(collection, 'layer1_0/conv1/conv/kernel'): array} from a torchvision state_dict.
+
+  Uses only array methods (transpose, reshape), so it also runs under `jax.eval_shape` to check
+  a state_dict's shapes against a model without materializing any weights.
+  """
   kinds = module_kinds(state_dict)
   flatten = _flatten_layer(model_name)
   out = {}
@@ -87,13 +94,12 @@ def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 't
     module, _, leaf = key.rpartition('.')
     kind = kinds.get(module, 'unknown')
     if (kind, leaf) not in LEAVES:
-      raise WeightsFileError(f"{source}: tensor '{key}' of shape {tuple(np.shape(value))} is not "
+      raise WeightsFileError(f"{source}: tensor '{key}' of shape {tuple(value.shape)} is not "
                              f"a Conv2d, Linear or BatchNorm parameter cnnjax can map.")
     rule = LEAVES[(kind, leaf)]
     if rule is None:
       continue
     collection, leaf_path, layout = rule
-    value = np.asarray(value)
     if layout == 'oihw_to_hwio':
       value = value.transpose(2, 3, 1, 0)
     elif layout == 'transpose':

@@ -67,43 +67,54 @@ def _compile(pattern: str) -> re.Pattern:
                           f'expression ({e}).') from None
 
 
-def merge(variables: dict, source: Flat, exclude: Iterable[str] = (), what: str = 'the source',
-          model_name: str = 'the model') -> tuple[dict, list[str]]:
-  """`variables` with every array taken from `source` except the excluded paths.
+def check_fits(target: dict, source: dict, exclude: Iterable[str] = (), what: str = 'the source',
+               model_name: str = 'the model') -> list[str]:
+  """Raises CheckpointError unless `source` covers `target` exactly outside `exclude`.
 
-  Returns (new variables, sorted paths left freshly initialized). Raises CheckpointError naming
-  every missing, unexpected and shape-mismatched path that no `exclude` pattern explains.
+  Both map (collection, path) to anything with a `.shape`. Returns the sorted paths that stay
+  freshly initialized (the model's excluded variables).
   """
   exclude = tuple(exclude)
   patterns = [_compile(p) for p in exclude]
-  target = flatten_variables(variables)
   for pattern, rx in zip(exclude, patterns):
     if not any(rx.fullmatch(path) for _, path in [*target, *source]):
+      example = f' (e.g. {next(iter(target))[1]!r})' if target else ''
       raise CheckpointError(f'transfer.exclude pattern {pattern!r} matches no variable of '
-                            f'{model_name} or {what} (e.g. {next(iter(target))[1]!r}).')
+                            f'{model_name} or {what}{example}.')
 
   def excluded(key):
     return any(rx.fullmatch(key[1]) for rx in patterns)
-
-  def name(key):
-    return f'{key[0]}/{key[1]}'
-  wanted = {name(k): tuple(np.shape(v)) for k, v in target.items() if not excluded(k)}
-  given = {name(k): tuple(np.shape(v)) for k, v in source.items() if not excluded(k)}
+  wanted = {_name(k): tuple(v.shape) for k, v in target.items() if not excluded(k)}
+  given = {_name(k): tuple(v.shape) for k, v in source.items() if not excluded(k)}
   mismatch = checkpoint.describe_mismatch(given, wanted)
   if mismatch:
     raise CheckpointError(
         f'{what} does not fit {model_name} ({mismatch}); if these should stay freshly '
         f'initialized (e.g. the classifier head when num_classes differs), list them in '
         f'transfer.exclude.')
-  fresh = sorted(name(k) for k in target if excluded(k))
-  merged = {k: (jnp.asarray(source[k], dtype=v.dtype) if not excluded(k) else v)
+  return sorted(_name(k) for k in target if excluded(k))
+
+
+def _name(key: tuple[str, str]) -> str:
+  return f'{key[0]}/{key[1]}'
+
+
+def merge(variables: dict, source: Flat, exclude: Iterable[str] = (), what: str = 'the source',
+          model_name: str = 'the model') -> tuple[dict, list[str]]:
+  """`variables` with every array taken from `source` except the excluded paths (strict).
+
+  Returns (new variables, sorted paths left freshly initialized); see `check_fits`.
+  """
+  target = flatten_variables(variables)
+  fresh = set(check_fits(target, source, exclude, what, model_name))
+  merged = {k: v if _name(k) in fresh else jnp.asarray(source[k], dtype=v.dtype)
             for k, v in target.items()}
   out = dict(variables)
   for collection in COLLECTIONS:
     if collection in variables:
       out[collection] = flax.traverse_util.unflatten_dict(
           {path: v for (c, path), v in merged.items() if c == collection}, sep='/')
-  return out, fresh
+  return out, sorted(fresh)
 
 
 def init_from_pretrained(variables: dict, transfer_config: ml_collections.ConfigDict,
