@@ -57,8 +57,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'train.batch_size'
 
 
 def replicate(tree, mesh: Mesh):
-  """Puts a pytree on every device of the mesh (the train state)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Puts a pytree on every device of the mesh (the train state).
+
+  Under multi-host each process passes its own copy (the same values: same seed, same
+  checkpoint) and gets global arrays; no cross-host transfer happens.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+  from jax.experimental import multihost_utils
+  return multihost_utils.host_local_array_to_global_array(tree, mesh, P())
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -179,10 +186,7 @@ class DataParallel:
 
   def _global(self, tree):
     """pmap returns unmapped outputs per host under multi-host: make them global again."""
-    if jax.process_count() == 1:
-      return tree
-    from jax.experimental import multihost_utils
-    return multihost_utils.host_local_array_to_global_array(tree, self.mesh, P())
+    return tree if jax.process_count() == 1 else replicate(tree, self.mesh)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,123 @@
+"""Multi-host training: 2 processes x 2 CPU devices (gloo on 127.0.0.1) train exactly like one
+process with 4 devices, through the real loop (`runner.run`).
+
+Each process feeds only its rows of every global batch; only process 0 writes metrics and
+prints; the checkpoint is written by both processes through orbax. The processes are this file
+run as a script: `python test_multihost.py WORKDIR NUM_PROCESSES PROCESS_ID PORT`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEVICES = 4
+STEPS = 4
+
+
+def _child(workdir: str, num_processes: int, process_id: int, port: int) -> None:
+  import jax
+  jax.config.update('jax_num_cpu_devices', DEVICES // num_processes)
+  if num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  from cnnjax import config as config_lib
+  from cnnjax import runner
+
+  config = config_lib.load_experiment('quickstart', [
+      f'train.num_steps={STEPS}', 'train.batch_size=32', 'train.eval_batch_size=500',
+      f'train.eval_every_steps={STEPS}', 'train.log_every_steps=2', 'train.progress_bar=false'])
+  config.model.kwargs.widths = (4, 8, 8)   # tiny: compile time is what this test pays
+  config.model.kwargs.hidden = 8
+  if num_processes > 1:
+    config.parallel.coordinator_address = f'127.0.0.1:{port}'
+    config.parallel.num_processes = num_processes
+    config.parallel.process_id = process_id
+  result = runner.run(config, workdir)
+  print('RESULT ' + json.dumps({'process': jax.process_index(), 'processes': jax.process_count(),
+                                'devices': jax.device_count(), **result}))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Starts the 2-process run and the 1-process reference at once; returns their outputs."""
+  root = tmp_path_factory.mktemp('multihost')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  port = _free_port()
+  commands = {'multi0': (root / 'multi', 2, 0), 'multi1': (root / 'multi', 2, 1),
+              'single': (root / 'single', 1, 0)}
+  procs = {name: subprocess.Popen(
+      [sys.executable, __file__, str(workdir), str(n), str(pid), str(port)], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name, (workdir, n, pid) in commands.items()}
+  outputs = {}
+  for name, proc in procs.items():
+    try:
+      out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for p in procs.values():
+        p.kill()
+      raise
+    assert proc.returncode == 0, f'{name} failed:\n{err[-4000:]}'
+    result = [json.loads(line[7:]) for line in out.splitlines() if line.startswith('RESULT ')]
+    outputs[name] = {'stdout': out, 'result': result[0], 'workdir': commands[name][0]}
+  return outputs
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_processes_see_one_global_run(runs):
+  for name, processes in (('multi0', 2), ('multi1', 2), ('single', 1)):
+    result = runs[name]['result']
+    assert (result['processes'], result['devices']) == (processes, DEVICES), name
+  assert runs['multi0']['result']['process'] == 0 and runs['multi1']['result']['process'] == 1
+  assert 'devices: 4 x cpu (jit) on 2 host(s); global batch 32, 8 per device' in \
+      runs['multi0']['stdout']
+
+
+def test_two_hosts_train_like_one_host_with_the_same_devices(runs):
+  multi, single = _metrics(runs['multi0']['workdir']), _metrics(runs['single']['workdir'])
+  assert [(r['step'], r['split']) for r in multi] == [(r['step'], r['split']) for r in single]
+  assert len(single) == STEPS // 2 + 1  # train rows every 2 steps, one test row
+  for m, s in zip(multi, single):
+    for key in ('loss', 'accuracy'):
+      assert abs(m[key] - s[key]) <= 1e-5 * abs(s[key]) + 1e-7, (m, s)
+  assert multi[-1]['count'] == 1000  # every test example once, split over the two hosts
+  for name in ('multi0', 'multi1'):
+    assert runs[name]['result']['final_test_accuracy'] == runs['single']['result'][
+        'final_test_accuracy']
+
+
+def test_only_process_zero_writes_and_prints(runs):
+  assert 'test accuracy final' in runs['multi0']['stdout']
+  assert 'test accuracy final' not in runs['multi1']['stdout']
+  assert 'devices:' not in runs['multi1']['stdout']
+
+
+def test_the_cooperative_checkpoint_holds_the_same_weights(runs):
+  import jax
+  from cnnjax import checkpoint
+  multi, multi_dir = checkpoint.load_variables(runs['multi0']['workdir'])
+  single, _ = checkpoint.load_variables(runs['single']['workdir'])
+  assert multi_dir.name == str(STEPS)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(multi), jax.tree.leaves(single)):
+    error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert error <= 1e-5, (jax.tree_util.keystr(path), error)
+
+
+if __name__ == '__main__':
+  _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
