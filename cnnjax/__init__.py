@@ -2,7 +2,7 @@
 
 >>> import cnnjax
 >>> model = cnnjax.get_model('resnet18', num_classes=10)
->>> print(cnnjax.summary(model, (1, 224, 224, 3)))
+>>> table = cnnjax.summary(model, (1, 224, 224, 3))   # prints the table, returns a Summary
 
 Submodules: layers, reference, shapes, blocks, models, data, optim, train, runner, parallel,
 checkpoint, transfer, viz. `import cnnjax` does not import TensorFlow or PyTorch.
