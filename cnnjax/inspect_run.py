@@ -1,0 +1,106 @@
+"""Look inside a trained run: `python run.py --experiment X --visualize LAYER`.
+
+`visualize(config, workdir, layer)` loads the newest checkpoint in `workdir`, rebuilds the model
+from the experiment config and writes three PNGs into `<workdir>/visualize/`: LAYER's feature
+maps for a test image, the first convolution's filters, and the confusion matrix over the whole
+test set. It runs on one device and writes nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cnnjax import checkpoint, data, models, viz
+from cnnjax.data import augment
+
+
+class VisualizeError(ValueError):
+  """Nothing to visualize (no checkpoint) or a checkpoint that does not fit the experiment."""
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  """(model, variables, dataset, step directory) of the newest checkpoint in `workdir`."""
+  from cnnjax import runner  # late: runner pulls in the whole training stack
+  workdir = pathlib.Path(workdir)
+  try:
+    variables, step_dir = checkpoint.load_variables(workdir)
+  except checkpoint.CheckpointError as e:
+    if not (workdir / 'checkpoints').is_dir():
+      raise VisualizeError(
+          f'{workdir} holds no checkpoint to visualize; train first with python run.py '
+          f'--experiment {config.get("experiment") or "<name>"} --workdir {workdir}.') from None
+    raise
+  dataset = runner.load_data(config)
+  model = runner.build_model(config, dataset)
+  expected = jax.eval_shape(functools.partial(model.init, train=False),
+                            {'params': jax.random.key(0)},
+                            jnp.zeros((1, *dataset.x_test.shape[1:]), jnp.float32))
+  mismatch = checkpoint.describe_mismatch(checkpoint.shapes_by_path(variables),
+                                          checkpoint.shapes_by_path(dict(expected)))
+  if mismatch:
+    raise VisualizeError(f'checkpoint {step_dir} does not fit {config.model.name} as this '
+                         f'config builds it ({mismatch}); pass the overrides it was trained with.')
+  return model, variables, dataset, step_dir
+
+
+def first_conv_kernel(params) -> tuple[str, np.ndarray]:
+  """('path', HWIO kernel) of the first convolution, in the order the model creates them."""
+  for path, value in flax.traverse_util.flatten_dict(params, sep='/').items():
+    if path.endswith('kernel') and np.ndim(value) == 4:
+      return path, np.asarray(value)
+  raise VisualizeError('the model has no convolution kernel to draw.')
+
+
+def predict(model, variables, images: np.ndarray, labels: np.ndarray, mean, std,
+            batch_size: int) -> np.ndarray:
+  """Predicted classes of every image (evaluation mode), in batches of `batch_size`."""
+  @jax.jit
+  def classify(batch):
+    logits = model.apply(variables, augment.normalize(batch, mean, std), train=False)
+    return jnp.argmax(logits, axis=-1)
+
+  out = []
+  for batch in data.eval_batches(images, labels, batch_size):
+    out.append(np.asarray(classify(batch['image']))[batch['mask']])
+  return np.concatenate(out)
+
+
+def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, layer: str,
+              image_index: int = 0) -> dict[str, pathlib.Path]:
+  """Writes LAYER's feature maps, the first-layer filters and the confusion matrix as PNGs."""
+  workdir = pathlib.Path(workdir)
+  model, variables, dataset, step_dir = load_trained(config, workdir)
+  if not 0 <= image_index < len(dataset.x_test):
+    raise VisualizeError(f'image_index {image_index} is outside the {len(dataset.x_test)} test '
+                         f'images.')
+  out_dir = workdir / 'visualize'
+  image = dataset.x_test[image_index:image_index + 1]
+  x = augment.normalize(jnp.asarray(image), dataset.mean, dataset.std)
+  maps = models.activations(model, variables, x, layer)
+  label = int(dataset.y_test[image_index])
+  name = dataset.class_names[label] if dataset.class_names else str(label)
+  safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', layer)
+  paths = {'activations': viz.plot_activations(
+      maps, out_dir / f'activations_{safe}.png', image=image[0],
+      title=f'{layer} of test image {image_index} (class {name}), step {step_dir.name}')}
+  kernel_path, kernel = first_conv_kernel(variables['params'])
+  paths['filters'] = viz.plot_filters(kernel, out_dir / 'filters.png',
+                                      title=f'{re.sub(r"(/conv)?/kernel$", "", kernel_path)} filters')
+  predictions = predict(model, variables, dataset.x_test, dataset.y_test, dataset.mean,
+                        dataset.std, config.train.eval_batch_size)
+  matrix = viz.confusion_matrix(dataset.y_test, predictions, dataset.num_classes)
+  paths['confusion_matrix'] = viz.plot_confusion_matrix(
+      matrix, out_dir / 'confusion_matrix.png', dataset.class_names or None,
+      title=f'{config.get("experiment") or config.model.name} step {step_dir.name}')
+  accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+  for kind, path in paths.items():
+    print(f'{kind}: {path}' + (f' (test accuracy {accuracy:.2%})' if kind == 'confusion_matrix'
+                               else ''))
+  return paths
