@@ -32,36 +32,47 @@ def import_torch():
   return torch
 
 
-def torch_to_flax(module) -> dict:
-  """Flax variables for a torch module's state_dict by the mechanical naming rule."""
+def torch_to_flax(module, as_shapes: bool = False) -> dict:
+  """Flax variables for a torch module's state_dict by the mechanical naming rule.
+
+  With ``as_shapes`` the leaves are ShapeDtypeStructs (works for modules on the 'meta' device).
+  """
   torch = sys.modules['torch']
   kinds = dict(module.named_modules())
   variables = {'params': {}, 'batch_stats': {}}
 
-  def put(collection, path, value):
+  def put(collection, path, tensor, perm=None):
+    perm = perm or tuple(range(tensor.ndim))
+    if as_shapes:
+      value = jax.ShapeDtypeStruct(tuple(tensor.shape[p] for p in perm), jnp.float32)
+    else:
+      value = jnp.asarray(tensor.detach().cpu().numpy().transpose(perm))
     node = variables[collection]
     for key in path[:-1]:
       node = node.setdefault(key, {})
     assert path[-1] not in node, path
-    node[path[-1]] = jnp.asarray(value)
+    node[path[-1]] = value
 
   for key, tensor in module.state_dict().items():
     owner, leaf = key.rsplit('.', 1)
     if leaf == 'num_batches_tracked':
       continue
     path = re.sub(r'\.(\d+)', r'_\1', owner).split('.')
-    value = tensor.detach().cpu().numpy()
     kind = kinds[owner]
     if isinstance(kind, torch.nn.Conv2d):
-      put('params', path + ['conv', 'kernel' if leaf == 'weight' else 'bias'],
-          value.transpose(2, 3, 1, 0) if leaf == 'weight' else value)
+      if leaf == 'weight':
+        put('params', path + ['conv', 'kernel'], tensor, (2, 3, 1, 0))
+      else:
+        put('params', path + ['conv', 'bias'], tensor)
     elif isinstance(kind, torch.nn.Linear):
-      put('params', path + ['dense', 'kernel' if leaf == 'weight' else 'bias'],
-          value.T if leaf == 'weight' else value)
+      if leaf == 'weight':
+        put('params', path + ['dense', 'kernel'], tensor, (1, 0))
+      else:
+        put('params', path + ['dense', 'bias'], tensor)
     elif isinstance(kind, torch.nn.BatchNorm2d):
       collection = 'params' if leaf in ('weight', 'bias') else 'batch_stats'
       name = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
-      put(collection, path + [name[leaf]], value)
+      put(collection, path + [name[leaf]], tensor)
     else:
       raise AssertionError(f'unexpected parameter {key} of {type(kind).__name__}')
   if not variables['batch_stats']:
@@ -82,8 +93,15 @@ def randomize_bn(module) -> None:
         m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
+def _to_nhwc(y: np.ndarray) -> np.ndarray:
+  return y.transpose(0, 2, 3, 1) if y.ndim == 4 else y
+
+
 def compare(torch_module, flax_module, x_nhwc: np.ndarray, *, train_too: bool = True):
-  """Asserts equal eval outputs, and in training equal outputs and running-stat updates."""
+  """Asserts equal eval outputs, and in training equal outputs and running-stat updates.
+
+  Returns the Flax variables copied from ``torch_module`` (with its eval-mode statistics).
+  """
   torch = sys.modules['torch']
   randomize_bn(torch_module)
   variables = torch_to_flax(torch_module)
@@ -94,19 +112,20 @@ def compare(torch_module, flax_module, x_nhwc: np.ndarray, *, train_too: bool = 
 
   torch_module.eval()
   with torch.no_grad():
-    expected = torch_module(x_torch).numpy().transpose(0, 2, 3, 1)
+    expected = _to_nhwc(torch_module(x_torch).numpy())
   got = jax.jit(partial(flax_module.apply, train=False))(variables, x_nhwc)
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
   if not train_too:
-    return
+    return variables
   torch_module.train()
   with torch.no_grad():
-    expected = torch_module(x_torch).numpy().transpose(0, 2, 3, 1)
+    expected = _to_nhwc(torch_module(x_torch).numpy())
   got, updates = jax.jit(partial(flax_module.apply, train=True, mutable=['batch_stats']))(
       variables, x_nhwc)
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
   new_stats = torch_to_flax(torch_module).get('batch_stats', {})
   chex.assert_trees_all_close(updates.get('batch_stats', {}), new_stats, atol=ATOL, rtol=RTOL)
+  return variables
 
 
 def init_key(seed: int = 0) -> jax.Array:
