@@ -66,7 +66,8 @@ def plot_activations(activations, path: str | pathlib.Path, image=None, title: s
   panels = channels + (image is not None)
   cols = math.ceil(math.sqrt(panels))
   rows = math.ceil(panels / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.5), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(max(1.6 * cols, 6.5), 1.6 * rows + 0.5),
+                           squeeze=False)
   for ax in axes.flat:
     ax.axis('off')
   flat = list(axes.flat)
@@ -76,7 +77,8 @@ def plot_activations(activations, path: str | pathlib.Path, image=None, title: s
     flat[c].imshow(maps[..., c], cmap='viridis', interpolation='nearest')
     flat[c].set_title(str(c), fontsize=7)
   shown = f'first {channels} of {maps.shape[-1]}' if channels < maps.shape[-1] else f'{channels}'
-  fig.suptitle(f'{title}  ({maps.shape[0]}x{maps.shape[1]}, {shown} channels)'.strip())
+  fig.suptitle(f'{title}  ({maps.shape[0]}x{maps.shape[1]}, {shown} channels)'.strip(),
+               fontsize=10)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -94,7 +96,8 @@ def plot_filters(kernel, path: str | pathlib.Path, title: str = 'first-layer fil
   count = min(kernel.shape[-1], max_filters)
   cols = math.ceil(math.sqrt(count))
   rows = math.ceil(count / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows + 0.5), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(max(1.2 * cols, 5.0), 1.2 * rows + 0.5),
+                           squeeze=False)
   for ax in axes.flat:
     ax.axis('off')
   rgb = kernel.shape[2] == 3
@@ -105,7 +108,7 @@ def plot_filters(kernel, path: str | pathlib.Path, title: str = 'first-layer fil
     ax.imshow(w, cmap=None if rgb else 'gray', interpolation='nearest')
   kh, kw, cin, cout = kernel.shape
   fig.suptitle(f'{title}  ({cout} filters, {kh}x{kw}x{cin}'
-               f'{", RGB" if rgb else "" if cin == 1 else ", input channel 0"})')
+               f'{", RGB" if rgb else "" if cin == 1 else ", input channel 0"})', fontsize=10)
   fig.tight_layout()
   return _save(fig, path)
 
