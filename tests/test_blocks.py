@@ -25,7 +25,7 @@ ATOL = RTOL = 1e-4
 def import_torch():
   """torch and torchvision, or a skip (also when TensorFlow is loaded: importing torchvision
   after TensorFlow crashes this interpreter)."""
-  if 'tensorflow' in sys.modules:
+  if 'tensorflow' in sys.modules and 'torchvision' not in sys.modules:
     pytest.skip('torchvision cannot be imported after tensorflow in one process')
   torch = pytest.importorskip('torch')
   pytest.importorskip('torchvision')

@@ -8,7 +8,6 @@ below; when torchvision is importable its own models are counted too.
 from __future__ import annotations
 
 from functools import partial
-import sys
 
 import chex
 import jax
