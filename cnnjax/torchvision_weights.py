@@ -41,6 +41,33 @@ NCHW_FLATTEN = {
 
 SUFFIXES = ('.pth', '.pt', '.safetensors')
 
+# torchvision's ImageNet weights (IMAGENET1K_V1) for the models this map is tested on.
+IMAGENET_URL = 'https://download.pytorch.org/models/'
+IMAGENET_FILES = {
+    'resnet18': 'resnet18-f37072fd.pth', 'resnet34': 'resnet34-b627a593.pth',
+    'resnet50': 'resnet50-0676ba61.pth', 'resnet101': 'resnet101-63fe2227.pth',
+    'resnet152': 'resnet152-394f9c45.pth', 'alexnet': 'alexnet-owt-7be5be79.pth',
+    'vgg11': 'vgg11-8a719046.pth', 'vgg13': 'vgg13-19584684.pth', 'vgg16': 'vgg16-397923af.pth',
+    'vgg19': 'vgg19-dcbb9e9d.pth', 'vgg11_bn': 'vgg11_bn-6002323d.pth',
+    'vgg13_bn': 'vgg13_bn-abd245e5.pth', 'vgg16_bn': 'vgg16_bn-6c64b313.pth',
+    'vgg19_bn': 'vgg19_bn-c79401a0.pth',
+}
+TORCH_HUB_DIR = '~/.cache/torch/hub/checkpoints'  # where torchvision itself caches them
+
+
+def imagenet_weights_path(model_name: str) -> str:
+  """Where torchvision caches `model_name`'s ImageNet weights (a default for configs)."""
+  return f'{TORCH_HUB_DIR}/{IMAGENET_FILES[model_name]}'
+
+
+def where_to_get(path: pathlib.Path, model_name: str) -> str:
+  """A hint for a missing weights file: the official download and where to put it."""
+  if model_name not in IMAGENET_FILES:
+    return ''
+  url = IMAGENET_URL + IMAGENET_FILES[model_name]
+  return (f'; download torchvision\'s ImageNet weights for {model_name} from {url} '
+          f'(e.g. curl -L --create-dirs -o {path} {url}) or point transfer.init_from at your copy')
+
 
 class WeightsFileError(ValueError):
   """A weights file that cannot be read or does not hold a torchvision state_dict."""

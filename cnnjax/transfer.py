@@ -48,7 +48,9 @@ def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
   """(flat variables, a description for messages) of a checkpoint directory or weights file."""
   path = pathlib.Path(path).expanduser()
   if not path.exists():
-    raise CheckpointError(f'transfer.init_from {path} does not exist.')
+    hint = (torchvision_weights.where_to_get(path, model_name)
+            if path.suffix.lower() in torchvision_weights.SUFFIXES else '')
+    raise CheckpointError(f'transfer.init_from {path} does not exist{hint}.')
   if path.is_dir():
     variables, step_dir = checkpoint.load_variables(path)
     return flatten_variables(variables), f'checkpoint {step_dir}'

@@ -189,3 +189,12 @@ def test_bad_sources_name_the_file(tmp_path):
   save_file({'conv1.weight': np.zeros((2, 3, 4), np.float32)}, str(odd))
   with pytest.raises(CheckpointError, match="tensor 'conv1.weight' of shape \\(2, 3, 4\\) is not"):
     transfer.init_from_pretrained(variables, tcfg(odd), 'resnet18')
+
+
+def test_a_missing_torchvision_file_says_where_to_get_it(tmp_path):
+  path = tmp_path / 'hub' / 'resnet18-f37072fd.pth'
+  with pytest.raises(CheckpointError) as error:
+    transfer.init_from_pretrained({'params': {}}, tcfg(path), 'resnet18')
+  message = str(error.value)
+  assert message.startswith(f'transfer.init_from {path} does not exist; download')
+  assert 'https://download.pytorch.org/models/resnet18-f37072fd.pth' in message
