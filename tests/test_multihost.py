@@ -3,7 +3,8 @@ process with 4 devices, through the real loop (`runner.run`).
 
 Each process feeds only its rows of every global batch; only process 0 writes metrics and
 prints; the checkpoint is written by both processes through orbax. The processes are this file
-run as a script: `python test_multihost.py WORKDIR NUM_PROCESSES PROCESS_ID PORT`.
+run as a script: `python tests/test_multihost.py WORKDIR NUM_PROCESSES PROCESS_ID PORT MODE`
+(MODE 'jit' here; 'pmap' works the same way by hand: 2 x 2 devices matched 1 x 4 exactly).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ DEVICES = 4
 STEPS = 4
 
 
-def _child(workdir: str, num_processes: int, process_id: int, port: int) -> None:
+def _child(workdir: str, num_processes: int, process_id: int, port: int, mode: str) -> None:
   import jax
   jax.config.update('jax_num_cpu_devices', DEVICES // num_processes)
   if num_processes > 1:
@@ -32,7 +33,8 @@ def _child(workdir: str, num_processes: int, process_id: int, port: int) -> None
 
   config = config_lib.load_experiment('quickstart', [
       f'train.num_steps={STEPS}', 'train.batch_size=32', 'train.eval_batch_size=500',
-      f'train.eval_every_steps={STEPS}', 'train.log_every_steps=2', 'train.progress_bar=false'])
+      f'train.eval_every_steps={STEPS}', 'train.log_every_steps=2', 'train.progress_bar=false',
+      f'parallel.mode={mode}'])
   config.model.kwargs.widths = (4, 8, 8)   # tiny: compile time is what this test pays
   config.model.kwargs.hidden = 8
   if num_processes > 1:
@@ -58,9 +60,12 @@ def runs(tmp_path_factory):
   port = _free_port()
   commands = {'multi0': (root / 'multi', 2, 0), 'multi1': (root / 'multi', 2, 1),
               'single': (root / 'single', 1, 0)}
+  # The reference runs at a lower priority: the two gloo peers must reach each new collective
+  # within gloo's 30 s rendezvous timeout of each other, so they get the CPU first.
   procs = {name: subprocess.Popen(
-      [sys.executable, __file__, str(workdir), str(n), str(pid), str(port)], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, __file__, str(workdir), str(n), str(pid), str(port), 'jit'], cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=(lambda: os.nice(10)) if n == 1 else None)
       for name, (workdir, n, pid) in commands.items()}
   outputs = {}
   for name, proc in procs.items():
@@ -120,4 +125,4 @@ def test_the_cooperative_checkpoint_holds_the_same_weights(runs):
 
 
 if __name__ == '__main__':
-  _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+  _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
