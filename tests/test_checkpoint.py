@@ -230,13 +230,14 @@ def _finish(proc, timeout=600):
   return out
 
 
-def _interrupt_after_checkpoint(proc, workdir, step, sig):
-  """Sends `sig` as soon as a checkpoint of at least `step` is committed."""
+def _interrupt_after_checkpoint(proc, workdir, step, sig, delay=0.0):
+  """Sends `sig` `delay` seconds after a checkpoint of at least `step` is committed."""
   directory = workdir / 'checkpoints'
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
     if directory.is_dir() and any(p.name.isdigit() and int(p.name) >= step
                                   for p in directory.iterdir()):
+      time.sleep(delay)
       proc.send_signal(sig)
       break
     time.sleep(0.02)
@@ -259,9 +260,10 @@ def test_exact_resume_after_sigkill_and_clean_exit_on_sigterm(tmp_path):
 
   seed = random.randrange(1 << 30)
   rng = random.Random(seed)
-  kill_at = rng.randrange(EVERY, 18, EVERY)
+  kill_at, delay = rng.randrange(EVERY, 18, EVERY), rng.uniform(0, 0.5)  # mid-step or mid-save
   workdir = tmp_path / 'interrupted'
-  code, out = _interrupt_after_checkpoint(_start(workdir, cache), workdir, kill_at, signal.SIGKILL)
+  code, out = _interrupt_after_checkpoint(_start(workdir, cache), workdir, kill_at, signal.SIGKILL,
+                                          delay)
   assert code == -signal.SIGKILL, f'the run ended before it was killed (seed {seed}):\n{out[-2000:]}'
 
   # Resume; SIGTERM it once it has written another checkpoint: it must save where it stopped
@@ -276,7 +278,7 @@ def test_exact_resume_after_sigkill_and_clean_exit_on_sigterm(tmp_path):
   out = _finish(_start(workdir, cache))
   assert f'resumed from step {stopped}' in out
   chex.assert_trees_all_equal(_final_variables(workdir), expected,
-                              custom_message=f'kill at {kill_at}, term at {term_at}, seed {seed}')
+                              custom_message=f'kill at {kill_at}+{delay:.2f}s, term at {term_at}, seed {seed}')
 
 
 _DEVICES = """
