@@ -125,7 +125,11 @@ class DataParallel:
   def create(cls, mode: str = 'jit', devices=None) -> 'DataParallel':
     if mode not in MODES:
       raise ValueError(f"parallel.mode must be one of {', '.join(MODES)}, got '{mode}'.")
-    return cls(mode, data_mesh(devices))
+    mesh = data_mesh(devices)
+    if mode == 'pmap' and list(mesh.devices.flat) != jax.devices()[:mesh.devices.size]:
+      raise ValueError("parallel.mode='pmap' maps over the first devices of jax.devices(); "
+                       "pass such a prefix (or no devices).")
+    return cls(mode, mesh)
 
   @property
   def axis_name(self) -> str | None:
