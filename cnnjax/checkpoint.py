@@ -192,6 +192,8 @@ class Checkpoints:
       step_dir = self.directory / str(step)
       try:
         saved_shapes = shapes_by_path(_metadata_tree(self._manager.item_metadata(step)['state']))
+        if not saved_shapes:
+          raise ValueError('it lists no arrays')
       except Exception as e:  # pylint: disable=broad-except
         broken.append((step, e))
         continue

@@ -103,15 +103,18 @@ def test_fallback_past_a_corrupted_newest_checkpoint(tmp_path):
   for f in (tmp_path / '3' / 'state').rglob('*'):
     if f.is_file():
       f.write_bytes(b'\0garbage')
+  (tmp_path / '2' / 'state' / '_METADATA').unlink()  # 2 is broken too, differently
   with Checkpoints(tmp_path, ckpt_config(keep=3, best_metric='')) as ckpts:
-    with pytest.warns(UserWarning, match=r'3 is unreadable'):
+    with pytest.warns(UserWarning) as record:
       restored = ckpts.restore_latest(make_state())
-    chex.assert_trees_all_equal(leaves_of(restored), leaves_of(states[2]))
-    # The broken one is set aside, not deleted; the valid ones are untouched, and step 3 can be
-    # written again by the resumed run.
-    assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt').iterdir()] == ['3']
-    assert ckpts.all_steps() == [1, 2]
-    ckpts.save(3, fake_step(restored))
+    assert sorted(str(w.message).split(' is unreadable')[0][-1] for w in record) == ['2', '3']
+    chex.assert_trees_all_equal(leaves_of(restored), leaves_of(states[1]))
+    # The broken ones are set aside, not deleted; the valid one is untouched, and steps 2 and 3
+    # can be written again by the resumed run.
+    assert sorted(p.name.split('-')[0] for p in (tmp_path / 'corrupt').iterdir()) == ['2', '3']
+    assert ckpts.all_steps() == [1]
+    ckpts.save(2, fake_step(restored))
+    ckpts.save(3, fake_step(fake_step(restored)))
   with Checkpoints(tmp_path, ckpt_config(keep=3, best_metric='')) as ckpts:
     assert ckpts.all_steps() == [1, 2, 3]
     chex.assert_trees_all_equal(leaves_of(ckpts.restore_latest(make_state())),
