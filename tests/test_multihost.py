@@ -124,5 +124,17 @@ def test_the_cooperative_checkpoint_holds_the_same_weights(runs):
     assert error <= 1e-5, (jax.tree_util.keystr(path), error)
 
 
+@pytest.mark.parametrize('env, expected', [
+    ({}, False),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, False),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),             # a single-host TPU (Colab)
+    ({'TPU_WORKER_HOSTNAMES': 't1k-0,t1k-1,t1k-2,t1k-3'}, True),  # a pod slice
+])
+def test_clusters_that_start_the_distributed_runtime_themselves(env, expected):
+  from cnnjax import parallel
+  assert parallel._in_multi_process_cluster(env) is expected
+
+
 if __name__ == '__main__':
   _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
