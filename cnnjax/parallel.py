@@ -9,8 +9,9 @@ Two strategies with one interface (`DataParallel`), chosen by `config.parallel.m
   slice; the step `pmean`s gradients and metrics over `AXIS` (`StepRecipe.axis_name`) and the
   model's BatchNorm layers average their statistics over it (build the model with
   `bn_axis_name=AXIS`). The state goes in and comes out unmapped (`in_axes=None`,
-  `out_axes=None`), so in both modes the state between steps is the same replicated global
-  array and checkpoints do not depend on the mode.
+  `out_axes=None`, which pmap accepts since it became jit over shard_map; JAX 0.10 and newer
+  are supported), so in both modes the state between steps is the same replicated global array
+  and checkpoints do not depend on the mode.
 
 Multi-host: `initialize_distributed` starts JAX's distributed runtime; every process then feeds
 only its own rows of each global batch (`process_rows`) and `put_batch` assembles the global
