@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     if args.visualize:
       from cnnjax import inspect_run
       inspect_run.visualize(config, workdir, args.visualize)
+    elif config_lib.experiment_main(args.experiment):
+      config_lib.experiment_main(args.experiment)(config, workdir)  # a multi-stage experiment
     else:
       runner.run(config, workdir)
   except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -95,6 +95,12 @@ def _load_module(name: str):
   return module
 
 
+def experiment_main(name: str):
+  """The experiment's own `main(config, workdir)` for multi-stage experiments (e.g. a pretrain
+  and a fine-tune run), or None for the usual single-run experiment."""
+  return getattr(_load_module(name), 'main', None)
+
+
 def load_experiment(name: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """`get_config()` of `experiments/<name>.py` (or a path to such a file), with overrides applied.
 

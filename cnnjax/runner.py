@@ -138,13 +138,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   steps_per_epoch = data.steps_per_epoch(len(dataset.x_train), config.train.batch_size)
   total_steps = config.train.num_steps or steps_per_epoch * config.train.num_epochs
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoint, steps_per_epoch)
+  # Start-up order: resume from this workdir, else initialize from pretrained, else from scratch.
   variables = train.init_variables(model, dataset.x_train.shape[1:], init_rng)
-  variables = transfer.init_from_pretrained(variables, config.transfer, config.model.name)
+  if not ckpts.all_steps():
+    variables = transfer.init_from_pretrained(variables, config.transfer, config.model.name)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, steps_per_epoch,
                                       total_steps, variables['params'])
   state = train.create_train_state(model, variables, tx, state_rng)
-
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoint, steps_per_epoch)
   state = ckpts.restore_latest(state)
   state = strategy.put_state(state)
   start_step = int(state.step)

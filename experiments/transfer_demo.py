@@ -1,15 +1,15 @@
 """Transfer learning offline: pretrain on mnist5k digits 0-4, fine-tune on 5-9; beats from-scratch.
 
-Command:  python experiments/transfer_demo.py [--workdir runs/transfer_demo]
-          (from Python: `main(get_config(), 'runs/transfer_demo')`). It runs four trainings:
+Command:  python run.py --experiment transfer_demo [--workdir runs/transfer_demo]
+          (or python experiments/transfer_demo.py; from Python: `main(get_config(), workdir)`).
+          It runs four trainings:
           1. `get_pretrain_config()`: convnet on digits 0-4 (2,000 images), 8 epochs -> <workdir>/pretrain;
           2. `get_config()`: digits 5-9 (relabelled 0-4), initialized from step 1's checkpoint
              (`transfer.init_from`) except the head fc2 (`transfer.exclude`) -> <workdir>/transfer;
           3. the same, training only the new head (`optimizer.trainable=('fc2',)`) -> <workdir>/head_only;
           4. the same run from scratch (`transfer.init_from=''`) -> <workdir>/scratch;
           and prints the test accuracy of 2-4 at every evaluation (equal steps).
-          `python run.py --experiment transfer_demo` runs stage 2 alone, once stage 1 exists in
-          runs/transfer_demo/pretrain. Each stage resumes if interrupted.
+          Each stage resumes if interrupted.
 Expected: transfer ahead of scratch at every evaluation. Measured (seed 0, 2 busy CPU cores, 2 min
           in all): pretraining 98.4% on digits 0-4 (248 steps); after the 32 fine-tuning
           steps on digits 5-9: transfer 90.0%, head only 53.8%, scratch 38.0% (scratch's
