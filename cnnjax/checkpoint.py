@@ -28,6 +28,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from cnnjax import optim
+
 _FORMAT = 1  # bump when the layout of `state` or `meta` changes
 
 
@@ -51,17 +53,7 @@ def state_tree(state) -> dict:
           'opt_state': state.opt_state, 'rng': rng}
 
 
-def path_str(path) -> str:
-  """'params/layer1_0/conv1/conv/kernel' for a jax key path."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'idx', 'name'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
+path_str = optim.param_path  # 'params/layer1_0/conv1/conv/kernel' for a jax key path
 
 
 def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:

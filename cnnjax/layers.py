@@ -22,18 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.shapes import pair  # (v, v) for an int, like torch's _pair
+
 Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
 Dtype = Any
-
-
-def pair(value: int | Sequence[int], name: str = 'value') -> tuple[int, int]:
-  """Returns ``(v, v)`` for an int and the pair itself for a pair (like torch's `_pair`)."""
-  if isinstance(value, int):
-    return (value, value)
-  value = tuple(value)
-  if len(value) != 2 or not all(isinstance(v, int) for v in value):
-    raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}.')
-  return value
 
 
 def explicit_padding(padding: Padding, kernel_size: Sequence[int],

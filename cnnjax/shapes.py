@@ -25,7 +25,8 @@ from typing import NamedTuple, Sequence, Union
 Size = Union[int, Sequence[int]]
 
 
-def _pair(value: Size, name: str) -> tuple[int, int]:
+def pair(value: Size, name: str = 'value') -> tuple[int, int]:
+  """``(v, v)`` for an int, the pair itself for a pair of ints (like torch's `_pair`)."""
   if isinstance(value, int):
     return (value, value)
   value = tuple(value)
@@ -60,10 +61,10 @@ def conv_output_size(size: Size, kernel: Size, stride: Size = 1, padding=0, dila
     ValueError: if the kernel does not fit in the padded input (the output would be empty).
   """
   if not isinstance(size, int):
-    h, w = _pair(size, 'size')
-    kh, kw = _pair(kernel, 'kernel')
-    sh, sw = _pair(stride, 'stride')
-    dh, dw = _pair(dilation, 'dilation')
+    h, w = pair(size, 'size')
+    kh, kw = pair(kernel, 'kernel')
+    sh, sw = pair(stride, 'stride')
+    dh, dw = pair(dilation, 'dilation')
     if isinstance(padding, str):
       if padding.lower() == 'valid':
         padding = ((0, 0), (0, 0))
@@ -133,7 +134,7 @@ def receptive_field(layers: Sequence[Sequence[int]]) -> ReceptiveField:
 def conv_params(in_channels: int, out_channels: int, kernel: Size, groups: int = 1,
                 bias: bool = True) -> int:
   """Weights ``kh * kw * (in_channels / groups) * out_channels``, plus ``out_channels`` biases."""
-  kh, kw = _pair(kernel, 'kernel')
+  kh, kw = pair(kernel, 'kernel')
   if in_channels % groups or out_channels % groups:
     raise ValueError(f'in_channels {in_channels} and out_channels {out_channels} must both be '
                      f'divisible by groups {groups}.')
@@ -145,8 +146,8 @@ def conv_macs(in_channels: int, out_channels: int, kernel: Size, output_size: Si
   """Multiply-accumulates of one convolution on one example: every output value
   (``H_out * W_out * out_channels``) is a dot product of length ``kh * kw * in_channels/groups``.
   Bias additions are not counted (the fvcore / torchvision convention)."""
-  kh, kw = _pair(kernel, 'kernel')
-  oh, ow = _pair(output_size, 'output_size')
+  kh, kw = pair(kernel, 'kernel')
+  oh, ow = pair(output_size, 'output_size')
   if in_channels % groups:
     raise ValueError(f'in_channels {in_channels} must be divisible by groups {groups}.')
   return oh * ow * out_channels * kh * kw * (in_channels // groups)

@@ -4,21 +4,10 @@ Command:  python run.py --experiment cifar_resnet18   (needs CIFAR-10 prepared b
 Expected: about 95% top-1 on the CIFAR-10 test set (kuangliu/pytorch-cifar reports 95.4% for
           this model and recipe); not measured here: CIFAR-10 cannot be downloaded offline.
 """
-from cnnjax.config import base_config
+from cnnjax.config import load_experiment
 
 
 def get_config():
-  config = base_config()
+  config = load_experiment('cifar_resnet')   # the same CIFAR-10 recipe, another network
   config.model.name = 'cifar_resnet18'
-  config.data.name = 'cifar10'
-  config.data.crop_padding = 4
-  config.data.flip = True
-  config.optimizer.name = 'sgd'
-  config.optimizer.lr = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.name = 'cosine'
-  config.train.batch_size = 128
-  config.train.num_epochs = 200
-  config.train.log_every_steps = 100
   return config

@@ -15,25 +15,16 @@ Expected: not measured here (neither CIFAR-10 nor the ImageNet weights are reach
           Note the ImageNet stem (7x7 stride 2 + max pool) leaves a 1x1 map at 32x32 input, so
           expect less than from the same network at ImageNet resolution.
 """
-from cnnjax.config import base_config
+from cnnjax.config import load_experiment
 from cnnjax.torchvision_weights import imagenet_weights_path
 
 
 def get_config():
-  config = base_config()
+  config = load_experiment('cifar_resnet')   # CIFAR-10 data, crop + flip, SGD + weight decay
   config.model.name = 'resnet18'
-  config.data.name = 'cifar10'
-  config.data.crop_padding = 4
-  config.data.flip = True
   config.transfer.init_from = imagenet_weights_path('resnet18')
   config.transfer.exclude = ('fc',)           # ImageNet's 1000-class head -> a fresh 10-class one
-  config.optimizer.name = 'sgd'
   config.optimizer.lr = 0.01
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
   config.optimizer.lr_multipliers = ('fc=10',)
-  config.schedule.name = 'cosine'
-  config.train.batch_size = 128
   config.train.num_epochs = 15
-  config.train.log_every_steps = 100
   return config

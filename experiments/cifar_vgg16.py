@@ -6,21 +6,11 @@ Expected: about 93-94% top-1 on the CIFAR-10 test set (kuangliu/pytorch-cifar re
 Note:     torchvision's vgg16_bn layout (adaptive 7x7 pool + 4096-wide classifier), so 32x32
           inputs work and ImageNet weights port; the classifier dominates the parameter count.
 """
-from cnnjax.config import base_config
+from cnnjax.config import load_experiment
 
 
 def get_config():
-  config = base_config()
+  config = load_experiment('cifar_resnet')   # the same CIFAR-10 recipe, another network
   config.model.name = 'vgg16_bn'
-  config.data.name = 'cifar10'
-  config.data.crop_padding = 4
-  config.data.flip = True
-  config.optimizer.name = 'sgd'
   config.optimizer.lr = 0.05
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.name = 'cosine'
-  config.train.batch_size = 128
-  config.train.num_epochs = 200
-  config.train.log_every_steps = 100
   return config
