@@ -201,31 +201,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
       if preemption.requested:
         ckpts.save(step, state, force=True)
         break
-  if not history:  # nothing left to train (a finished run was rerun): evaluate what is there
-    test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
-                    strategy)
-    history.append({'step': step, **test})
-    best = {'accuracy': test['accuracy'], 'step': step}
-  progress.close()
-  ckpts.close()  # waits for asynchronous saves
-  records.close()
+    if not history:  # nothing left to train (a finished run was rerun): evaluate what is there
+      test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
+                      strategy)
+      history.append({'step': step, **test})
+      best = {'accuracy': test['accuracy'], 'step': step}
+    progress.close()
+    ckpts.close()  # waits for asynchronous saves
+    records.close()
 
-  wall = time.time() - t_start
-  result = {
-      'experiment': config.get('experiment', ''), 'steps': step,
-      'final_test_accuracy': history[-1]['accuracy'] if history else float('nan'),
-      'best_test_accuracy': best['accuracy'], 'best_step': best['step'],
-      'wall_seconds': wall, 'train_images_per_second': throughput.images_per_second(),
-      'preempted': preemption.requested,
-  }
-  if primary:
-    rows = recorder.read_metrics(workdir)
-    if rows:
-      viz.plot_curves(rows, workdir / 'curves.png')
-    print(f"{result['experiment'] or 'run'}: {'preempted at' if preemption.requested else 'finished'} "
-          f"step {step}; test accuracy final {result['final_test_accuracy']:.2%}, best "
-          f"{best['accuracy']:.2%} (step {best['step']}); {wall:.1f} s wall, "
-          f"{result['train_images_per_second']:.0f} train images/s; outputs in {workdir}")
+    wall = time.time() - t_start
+    result = {
+        'experiment': config.get('experiment', ''), 'steps': step,
+        'final_test_accuracy': history[-1]['accuracy'] if history else float('nan'),
+        'best_test_accuracy': best['accuracy'], 'best_step': best['step'],
+        'wall_seconds': wall, 'train_images_per_second': throughput.images_per_second(),
+        'preempted': preemption.requested and step < total_steps,
+    }
+    if primary:
+      rows = recorder.read_metrics(workdir)
+      if rows:
+        viz.plot_curves(rows, workdir / 'curves.png')
+      print(f"{result['experiment'] or 'run'}: {'preempted at' if result['preempted'] else 'finished'} "
+            f"step {step}; test accuracy final {result['final_test_accuracy']:.2%}, best "
+            f"{best['accuracy']:.2%} (step {best['step']}); {wall:.1f} s wall, "
+            f"{result['train_images_per_second']:.0f} train images/s; outputs in {workdir}")
   return result
 
 
