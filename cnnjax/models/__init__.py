@@ -29,7 +29,7 @@ from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mobilenet import MobileNetV2
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
                                   ResNet152, SmallResNet)
-from cnnjax.models.simple import ConvNet, TutorialNet
+from cnnjax.models.simple import ConvNet, MnistCNN, TutorialNet
 from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
                                VGG19BN)
 
@@ -37,6 +37,7 @@ MODELS = {
     'tutorial_net': TutorialNet,
     'lenet5': LeNet5,
     'convnet': ConvNet,
+    'mnist_cnn': MnistCNN,
     'alexnet': AlexNet,
     'vgg11': VGG11,
     'vgg13': VGG13,
