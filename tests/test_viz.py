@@ -71,6 +71,7 @@ def trained(tmp_path_factory):
       'from cnnjax import config as config_lib\n\n'
       'def get_config():\n'
       '  config = config_lib.load_experiment("quickstart")\n'
+      '  config.model.name = "convnet"\n'
       '  config.model.kwargs.widths = (4, 8, 8)\n'
       '  config.model.kwargs.hidden = 16\n'
       '  config.model.kwargs.dropout = 0.0\n'
