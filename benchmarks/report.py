@@ -1,0 +1,143 @@
+"""Turns bench.py's results into Markdown tables and checks them against the performance targets.
+
+Targets (the performance issue): cnnjax's training throughput >= 1.0x PyTorch eager on every
+model; the cifar_resnet18 train step compiles in <= 10 s cold and <= 2 s with a warm persistent
+cache (trace + lower + compile); feeding batches from host memory keeps >= 95% of the throughput
+on a batch already on the device.
+"""
+from __future__ import annotations
+
+
+def _get(node, *path):
+  for key in path:
+    if not isinstance(node, dict) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def _ratio(a, b):
+  return round(a / b, 2) if a and b else None
+
+
+def _fmt(value, spec=',.0f'):
+  if value is None:
+    return '–'
+  return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def _error(m: dict, key: str) -> str | None:
+  return _get(m, key, 'error')
+
+
+def targets(results: dict) -> dict:
+  out = {}
+  for name, m in results.get('models', {}).items():
+    jax_train = _get(m, 'jax', 'train', 'images_per_s')
+    eager = _get(m, 'torch', 'eager', 'train', 'images_per_s')
+    ratio = _ratio(jax_train, eager)
+    out[f'{name}: train >= 1.0x PyTorch eager'] = {'value': ratio,
+                                                    'met': None if ratio is None else ratio >= 1.0}
+    fed = _ratio(_get(m, 'jax', 'train_host_fed', 'images_per_s'), jax_train)
+    out[f'{name}: host-fed >= 95% of device batch'] = {'value': fed,
+                                                        'met': None if fed is None else fed >= 0.95}
+  m = results.get('models', {}).get('cifar_resnet18')
+  if m:
+    cold = _get(m, 'jax_cold', 'compile_train', 'total_s')
+    warm = _get(m, 'jax', 'compile_train', 'total_s')
+    out['cifar_resnet18: compile cold <= 10 s'] = {'value': cold,
+                                                   'met': None if cold is None else cold <= 10}
+    out['cifar_resnet18: compile warm <= 2 s'] = {'value': warm,
+                                                  'met': None if warm is None else warm <= 2}
+  return out
+
+
+def markdown(results: dict) -> str:
+  cfg = results.get('config', {})
+  models = results.get('models', {})
+  parts = []
+  defaults = any('jax_xla_defaults' in m for m in models.values())
+  header = ['model', 'params', 'cnnjax', 'PyTorch eager', 'PyTorch channels_last',
+            'cnnjax / eager', 'cnnjax / channels_last']
+  if defaults:
+    header.append('JAX, XLA default flags')
+  rows = []
+  for name, m in models.items():
+    j = _get(m, 'jax', 'train', 'images_per_s')
+    e = _get(m, 'torch', 'eager', 'train', 'images_per_s')
+    c = _get(m, 'torch', 'channels_last', 'train', 'images_per_s')
+    row = [name, _fmt(_get(m, 'jax', 'params')), _fmt(j) if j else f'error: {_error(m, "jax")}',
+           _fmt(e), _fmt(c), _fmt(_ratio(j, e), '.2f'), _fmt(_ratio(j, c), '.2f')]
+    if defaults:
+      row.append(_fmt(_get(m, 'jax_xla_defaults', 'train', 'images_per_s')))
+    rows.append(row)
+  parts.append(f'### Training throughput (images/s, batch {cfg.get("batch")}, '
+               f'{cfg.get("dtype")}; median step after warm-up)\n\n' + _table(header, rows))
+
+  rows = []
+  for name, m in models.items():
+    j = _get(m, 'jax', 'eval', 'images_per_s')
+    e = _get(m, 'torch', 'eager', 'eval', 'images_per_s')
+    c = _get(m, 'torch', 'channels_last', 'eval', 'images_per_s')
+    rows.append([name, _fmt(j), _fmt(e), _fmt(c), _fmt(_ratio(j, e), '.2f'),
+                 _fmt(_ratio(j, c), '.2f')])
+  parts.append('### Evaluation throughput (images/s)\n\n' + _table(
+      ['model', 'cnnjax', 'PyTorch eager', 'PyTorch channels_last', 'cnnjax / eager',
+       'cnnjax / channels_last'], rows))
+
+  rows = []
+  for name, m in models.items():
+    def both(which, step):
+      node = _get(m, which, f'compile_{step}')
+      return f'{node["total_s"]:.1f} ({node["lower_s"]:.1f} + {node["compile_s"]:.1f})' if node else '–'
+    rows.append([name, both('jax_cold', 'train'), both('jax', 'train'), both('jax_cold', 'eval'),
+                 both('jax', 'eval')])
+  parts.append('### Compile time (s: total = trace+lower + compile)\n\n' + _table(
+      ['model', 'train step, cold', 'train step, warm cache', 'eval step, cold',
+       'eval step, warm cache'], rows))
+
+  rows = []
+  for name, m in models.items():
+    fed = _get(m, 'jax', 'train_host_fed', 'images_per_s')
+    dev = _get(m, 'jax', 'train', 'images_per_s')
+    rows.append([name, _fmt(_get(m, 'jax', 'peak_rss_mb')),
+                 _fmt(_get(m, 'jax', 'xla_memory_train', 'temp_mb'), ',.1f'),
+                 _fmt(_get(m, 'torch', 'eager', 'peak_rss_mb')),
+                 _fmt(_get(m, 'torch', 'channels_last', 'peak_rss_mb')),
+                 _fmt(dev), _fmt(fed), _fmt(_ratio(fed, dev), '.2f')])
+  parts.append('### Memory (peak RSS while training, MiB) and input feeding (train images/s)\n\n'
+               + _table(['model', 'cnnjax RSS', 'XLA temp buffers', 'PyTorch eager RSS',
+                         'PyTorch channels_last RSS', 'device batch', 'host batches',
+                         'host / device'], rows))
+
+  dvc = results.get('dense_vs_conv')
+  if dvc:
+    jx, th = dvc.get('jax', {}), dvc.get('torch', {})
+    rows = []
+    for size, layers in (jx.get('sizes') or th.get('sizes') or {}).items():
+      for kind, spec in layers.items():
+        def ms(src, what):
+          return _fmt(_get(src, 'sizes', size, kind, what, 'step_ms'), '.2f')
+        rows.append([size, kind, _fmt(spec['params']), _fmt(spec['weights_per_neuron']),
+                     _fmt(spec['macs_per_image']), ms(jx, 'forward'), ms(jx, 'forward_backward'),
+                     ms(th, 'forward'), ms(th, 'forward_backward')])
+    units = jx.get('units', th.get('units'))
+    batch = jx.get('batch', th.get('batch'))
+    parts.append(f'### Dense vs convolution ({units} neurons / 5x5 filters, batch {batch}; ms per '
+                 'batch)\n\n' + _table(
+                     ['input', 'layer', 'params', 'weights per neuron', 'MACs per image',
+                      'JAX fwd', 'JAX fwd+bwd', 'PyTorch fwd', 'PyTorch fwd+bwd'], rows))
+
+  t = results.get('targets', {})
+  if t:
+    mark = {True: 'met', False: 'NOT met', None: 'not measured'}
+    parts.append('### Targets\n\n' + _table(
+        ['target', 'measured', 'status'],
+        [[k, _fmt(v['value'], '.2f'), mark[v['met']]] for k, v in t.items()]))
+  return '\n\n'.join(parts)
