@@ -1,6 +1,7 @@
 """benchmarks/bench.py --smoke runs end to end (JAX, and PyTorch when installed) and writes its JSON."""
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,8 +11,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_bench_smoke_writes_consistent_json(tmp_path):
   out = tmp_path / 'bench.json'
+  # `import cnnjax` elsewhere in this pytest process put its flags into XLA_FLAGS; the benchmark
+  # compares cnnjax's flags with XLA's defaults, so it must start from a clean XLA_FLAGS.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, 'benchmarks/bench.py', '--smoke', '--json', str(out)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '### Training throughput' in proc.stdout
   r = json.loads(out.read_text())
