@@ -90,7 +90,7 @@ def median_runs(runs: list[dict]) -> dict:
 
 def bench_model(name: str, a, torch_ok: bool) -> dict:
   common = ['--model', name, '--batch', str(a.batch), '--steps', str(a.steps),
-            '--warmup', str(a.warmup)]
+            '--warmup', str(a.warmup), '--budget', str(a.budget)]
   jax_args = common + ['--dtype', a.dtype]
   cache = tempfile.mkdtemp(prefix=f'cnnjax_bench_{name}_')
   default_cache = tempfile.mkdtemp(prefix=f'cnnjax_bench_{name}_xla_')
@@ -151,7 +151,9 @@ def parse_args(argv=None):
   p.add_argument('--models', default=','.join(MODELS),
                  help=f'comma-separated, from: {", ".join(MODELS)}')
   p.add_argument('--batch', type=int, default=128)
-  p.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
+  p.add_argument('--steps', type=int, default=30, help='most timed steps per measurement')
+  p.add_argument('--budget', type=float, default=20,
+                 help='seconds per measurement: stop timing early after this (at least 5 steps)')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   p.add_argument('--repeat', type=int, default=1, help='alternating runs; medians are reported')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
@@ -168,7 +170,7 @@ def parse_args(argv=None):
   p.add_argument('--timeout', type=float, default=1800, help='seconds per worker process')
   a = p.parse_args(argv)
   if a.smoke:
-    a.models, a.batch, a.steps, a.warmup, a.repeat = 'lenet5', 8, 2, 1, 1
+    a.models, a.batch, a.steps, a.warmup, a.repeat, a.budget = 'lenet5', 8, 2, 1, 1, 5
     a.xla_defaults = True  # cheap here, and it checks cnnjax's flags keep the numerics
   a.models = [m.strip() for m in a.models.split(',') if m.strip()]
   unknown = [m for m in a.models if m not in MODELS]
@@ -188,8 +190,8 @@ def main(argv=None) -> int:
   started = time.perf_counter()
   results = {'command': ' '.join(['python', 'benchmarks/bench.py', *(argv or sys.argv[1:])]),
              'machine': machine(), 'versions': versions(),
-             'config': {k: getattr(a, k) for k in ('models', 'batch', 'steps', 'warmup', 'repeat',
-                                                   'dtype', 'threads', 'smoke')},
+             'config': {k: getattr(a, k) for k in ('models', 'batch', 'steps', 'budget', 'warmup',
+                                                   'repeat', 'dtype', 'threads', 'smoke')},
              'torch_available': torch_ok, 'models': {}}
   for name in a.models:
     print(f'[bench] {name} ...', file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ PyTorch never mix) that prints exactly one line starting with ``RESULT `` follow
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -35,15 +36,23 @@ def parse(stdout: str) -> dict:
   raise ValueError('the worker printed no RESULT line')
 
 
-def time_steps(step, n: int, warmup: int) -> list[float]:
-  """Seconds per call of ``step()`` (which must block until its work is done), after warm-up."""
+def time_steps(step, n: int, warmup: int, budget_s: float | None = None,
+               min_steps: int = 5) -> list[float]:
+  """Seconds per call of ``step()`` (which must block until its work is done), after warm-up.
+
+  Times ``n`` calls, or stops early once ``budget_s`` seconds are spent (after at least
+  ``min_steps`` calls), so a slow model does not take minutes per measurement.
+  """
   for _ in range(warmup):
     step()
   times = []
+  began = time.perf_counter()
   for _ in range(n):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
+    if budget_s is not None and len(times) >= min_steps and start - began >= budget_s:
+      break
   return times
 
 
@@ -52,6 +61,14 @@ def summarize(times: list[float], batch: int) -> dict:
   med = statistics.median(times)
   return {'step_ms': round(1e3 * med, 3), 'best_step_ms': round(1e3 * min(times), 3),
           'images_per_s': round(batch / med, 1), 'batch': batch, 'steps_timed': len(times)}
+
+
+def load_average() -> list[float] | None:
+  """1, 5 and 15 minute load averages: other processes competing for the cores skew timings."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except (AttributeError, OSError):
+    return None
 
 
 def reset_peak_rss() -> bool:

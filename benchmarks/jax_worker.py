@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 from cnnjax import train
-from common import MODELS, NUM_CLASSES, emit, peak_rss_mb, reset_peak_rss, summarize, time_steps
+from common import (MODELS, NUM_CLASSES, emit, load_average, peak_rss_mb, reset_peak_rss,
+                    summarize, time_steps)
 
 
 def make_state(name: str, dtype: str, seed: int = 0):
@@ -89,12 +90,15 @@ def run(args) -> dict:
     losses.append(float(metrics['loss']))  # blocks until the step is done
 
   reset_peak_rss()
-  result['train'] = summarize(time_steps(train_once, args.steps, args.warmup), args.batch)
+  result['load_average_before'] = load_average()
+  result['train'] = summarize(time_steps(train_once, args.steps, args.warmup, args.budget),
+                              args.batch)
   result['peak_rss_mb'] = peak_rss_mb()
   result['losses'] = losses[:3] + losses[-1:]
 
   result['eval'] = summarize(
-      time_steps(lambda: jax.block_until_ready(eval_c(state, batch)), args.steps, args.warmup),
+      time_steps(lambda: jax.block_until_ready(eval_c(state, batch)), args.steps, args.warmup,
+                 args.budget),
       args.batch)
 
   if args.host_feed:  # a fresh host batch per step, as the training loop feeds them
@@ -107,7 +111,9 @@ def run(args) -> dict:
       i += 1
       metrics['loss'].block_until_ready()
 
-    result['train_host_fed'] = summarize(time_steps(fed_once, args.steps, args.warmup), args.batch)
+    result['train_host_fed'] = summarize(
+        time_steps(fed_once, args.steps, args.warmup, args.budget), args.batch)
+  result['load_average_after'] = load_average()
   return result
 
 
@@ -118,6 +124,7 @@ def main(argv=None) -> None:
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--budget', type=float, default=None, help='seconds per measurement (at least 5 steps)')
   p.add_argument('--compile-only', action='store_true')
   p.add_argument('--host-feed', action='store_true')
   emit(run(p.parse_args(argv)))

@@ -72,13 +72,19 @@ def markdown(results: dict) -> str:
     j = _get(m, 'jax', 'train', 'images_per_s')
     e = _get(m, 'torch', 'eager', 'train', 'images_per_s')
     c = _get(m, 'torch', 'channels_last', 'train', 'images_per_s')
+    best = lambda *path: _get(m, *path, 'train', 'best_step_ms')
     row = [name, _fmt(_get(m, 'jax', 'params')), _fmt(j) if j else f'error: {_error(m, "jax")}',
-           _fmt(e), _fmt(c), _fmt(_ratio(j, e), '.2f'), _fmt(_ratio(j, c), '.2f')]
+           _fmt(e), _fmt(c),
+           f'{_fmt(_ratio(j, e), ".2f")} ({_fmt(_ratio(best("torch", "eager"), best("jax")), ".2f")})',
+           f'{_fmt(_ratio(j, c), ".2f")} ({_fmt(_ratio(best("torch", "channels_last"), best("jax")), ".2f")})']
     if defaults:
       row.append(_fmt(_get(m, 'jax_xla_defaults', 'train', 'images_per_s')))
     rows.append(row)
+  loads = [l for m in models.values() for l in [_get(m, 'jax', 'load_average_before')] if l]
+  busy = f'; 1-min load average during the runs: {", ".join(str(l[0]) for l in loads)}' if loads else ''
   parts.append(f'### Training throughput (images/s, batch {cfg.get("batch")}, '
-               f'{cfg.get("dtype")}; median step after warm-up)\n\n' + _table(header, rows))
+               f'{cfg.get("dtype")}; median step after warm-up; ratios: median (best step)'
+               f'{busy})\n\n' + _table(header, rows))
 
   rows = []
   for name, m in models.items():

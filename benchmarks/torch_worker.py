@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import MODELS, NUM_CLASSES, emit, peak_rss_mb, reset_peak_rss, summarize, time_steps
+from common import (MODELS, NUM_CLASSES, emit, load_average, peak_rss_mb, reset_peak_rss,
+                    summarize, time_steps)
 
 
 class TutorialNet(nn.Module):
@@ -86,7 +87,8 @@ BUILDERS = {'tutorial_net': TutorialNet, 'lenet5': LeNet5, 'small_resnet': small
             'cifar_resnet18': cifar_resnet18}
 
 
-def measure(name: str, channels_last: bool, batch: int, steps: int, warmup: int) -> dict:
+def measure(name: str, channels_last: bool, batch: int, steps: int, warmup: int,
+            budget: float | None) -> dict:
   torch.manual_seed(0)
   h, w, c = MODELS[name]
   model = BUILDERS[name](in_channels=c, num_classes=NUM_CLASSES)
@@ -107,7 +109,9 @@ def measure(name: str, channels_last: bool, batch: int, steps: int, warmup: int)
 
   model.train()
   reset_peak_rss()
-  result = {'train': summarize(time_steps(train_once, steps, warmup), batch),
+  load = load_average()
+  result = {'train': summarize(time_steps(train_once, steps, warmup, budget), batch),
+            'load_average_before': load,
             'peak_rss_mb': peak_rss_mb(), 'losses': losses[:3] + losses[-1:]}
   model.eval()
 
@@ -115,7 +119,8 @@ def measure(name: str, channels_last: bool, batch: int, steps: int, warmup: int)
     with torch.inference_mode():
       model((images.float() - 127.5) / 64.0).argmax(-1)
 
-  result['eval'] = summarize(time_steps(eval_once, steps, warmup), batch)
+  result['eval'] = summarize(time_steps(eval_once, steps, warmup, budget), batch)
+  result['load_average_after'] = load_average()
   result['params'] = sum(p.numel() for p in model.parameters())
   return result
 
@@ -126,6 +131,7 @@ def main(argv=None) -> None:
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--budget', type=float, default=None, help='seconds per measurement (at least 5 steps)')
   p.add_argument('--threads', type=int, default=os.cpu_count())
   p.add_argument('--layouts', default='eager,channels_last')
   args = p.parse_args(argv)
@@ -133,7 +139,7 @@ def main(argv=None) -> None:
   result = {'model': args.model, 'torch': torch.__version__, 'threads': args.threads}
   for layout in args.layouts.split(','):
     result[layout] = measure(args.model, layout == 'channels_last', args.batch, args.steps,
-                             args.warmup)
+                             args.warmup, args.budget)
   emit(result)
 
 
