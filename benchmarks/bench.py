@@ -36,6 +36,22 @@ from common import MODELS, parse  # noqa: E402
 import report  # noqa: E402
 
 
+def _cnnjax_flag_names() -> set[str]:
+  """Names of the XLA flags `import cnnjax` adds (runtime.py loaded alone: no JAX start-up)."""
+  spec = importlib.util.spec_from_file_location('_cnnjax_runtime', ROOT / 'cnnjax' / 'runtime.py')
+  runtime = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(runtime)
+  return set(runtime.cpu_flags())
+
+
+def xla_defaults_env(**extra: str) -> dict:
+  """A worker environment without cnnjax's XLA flags, even if this process already has them."""
+  names = _cnnjax_flag_names()
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if f.lstrip('-').split('=', 1)[0] not in names]
+  return worker_env(XLA_FLAGS=' '.join(flags), CNNJAX_CPU_FLAGS='0', **extra)
+
+
 def worker_env(**extra: str) -> dict:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([str(ROOT), *filter(None, [env.get('PYTHONPATH')])])
@@ -104,7 +120,7 @@ def bench_model(name: str, a, torch_ok: bool) -> dict:
       if a.xla_defaults:
         default_runs.append(run_worker(
             'jax_worker.py', jax_args,
-            worker_env(CNNJAX_CACHE_DIR=default_cache, CNNJAX_CPU_FLAGS='0'), a.timeout))
+            xla_defaults_env(CNNJAX_CACHE_DIR=default_cache), a.timeout))
       if torch_ok:
         torch_runs.append(run_worker('torch_worker.py', common + ['--threads', str(a.threads)],
                                      worker_env(), a.timeout))
