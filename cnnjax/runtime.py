@@ -101,7 +101,7 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
       A directory the user already gave JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
   """
   import jax
-  existing = jax.config.jax_compilation_cache_dir
+  existing = getattr(jax.config, 'jax_compilation_cache_dir', None)
   if existing:
     return existing
   cache_dir = default_cache_dir() if cache_dir is None else cache_dir

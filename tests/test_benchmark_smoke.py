@@ -42,3 +42,40 @@ def test_bench_smoke_writes_consistent_json(tmp_path):
     assert torch_run['eager']['params'] == jax_run['params']  # the same network in both
     assert torch_run['channels_last']['train']['images_per_s'] > 0
     assert r['dense_vs_conv']['torch']['sizes']['32x32x3']['dense']['params'] == 196_672
+
+
+PROBE = """
+import json, os
+import cnnjax, jax
+from cnnjax import runtime
+runtime.configure_cpu()  # a second call changes nothing
+print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cnnjax_flags': runtime.cpu_flags(),
+                  'cache_dir': jax.config.jax_compilation_cache_dir,
+                  'min_time': jax.config.jax_persistent_cache_min_compile_time_secs}))
+"""
+
+
+def _probe(**env_changes):
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
+  env.update(env_changes)
+  proc = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_runtime_adds_its_flags_once_and_keeps_the_users(tmp_path):
+  cache = str(tmp_path / 'cache')
+  out = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  expected = ['--xla_force_host_platform_device_count=1'] + [
+      f'--{k}={v}' for k, v in out['cnnjax_flags'].items()]
+  assert out['xla_flags'].split() == expected
+  assert out['cache_dir'] == cache and out['min_time'] < 1.0
+  for name in out['cnnjax_flags']:  # a value the user chose for the same flag wins
+    mine = f'--{name}=dot'
+    assert _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=mine)['xla_flags'] == mine
+
+
+def test_runtime_opt_outs():
+  out = _probe(CNNJAX_CACHE_DIR='', CNNJAX_CPU_FLAGS='0')
+  assert out['xla_flags'] == '' and out['cache_dir'] is None
