@@ -151,7 +151,8 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, variables=None,
         return model.apply(variables, x, rngs={'dropout': key}, mutable=['batch_stats'],
                            **call_kwargs)
     first = variables
-  jaxpr, (_, state) = jax.make_jaxpr(forward, return_shape=True)(first, x)
+  with layers.cpu_fast_paths(False):  # plain convs and pools, which the rf trace understands
+    jaxpr, (_, state) = jax.make_jaxpr(forward, return_shape=True)(first, x)
   if variables is None:
     variables = state
   fields = rf_trace.trace(jaxpr.jaxpr, len(jax.tree.leaves(first)))

@@ -261,3 +261,61 @@ def test_layers_are_pure_under_jit():
   variables = {'params': {'conv': {'kernel': kernel, 'bias': b}}}
   np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
   np.testing.assert_allclose(apply(variables, x), y, **TOL)
+
+
+# Convolutions that Conv2d computes on pixel blocks on the CPU (few channels, stride 1), and
+# tiling pools (stride == kernel) that it reduces over a reshaped view: their gradients, not just
+# their outputs, must equal PyTorch's. (in_channels, features, kernel, padding, (H, W))
+BLOCK_CONV_CASES = [
+    (1, 6, 5, 2, (28, 28)),     # LeNet-5's first conv (4x4 blocks)
+    (6, 16, 5, 0, (14, 14)),    # LeNet-5's second conv (2x2 blocks)
+    (3, 6, 5, 0, (32, 32)),     # the tutorial net's first conv
+    (3, 5, 3, 1, (9, 11)),      # odd sizes: the block grid overhangs the input
+    (2, 4, (3, 5), (1, 2), (7, 10)),
+]
+
+
+def _torch_grads(torch, fn, *arrays):
+  tensors = [torch.from_numpy(np.ascontiguousarray(a)).requires_grad_() for a in arrays]
+  out = fn(*tensors)
+  grad_out = torch.from_numpy(_random(tuple(out.shape), 7))
+  (out * grad_out).sum().backward()
+  return out.detach().numpy(), grad_out.numpy(), [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize('case_id', range(len(BLOCK_CONV_CASES)))
+def test_block_conv_gradients_match_torch(case_id):
+  torch = pytest.importorskip('torch')
+  cin, feat, k, p, hw = BLOCK_CONV_CASES[case_id]
+  k = layers.pair(k)
+  if jax.default_backend() == 'cpu':  # the case must exercise the block path it is here for
+    assert layers.space_to_depth_block(cin, feat, k, (1, 1), (1, 1), 1) > 1
+  x = _random((2, cin, *hw), 200 + case_id)                  # NCHW, as PyTorch wants it
+  w = _random((feat, cin, *k), 300 + case_id) / np.float32(np.sqrt(cin * k[0] * k[1]))
+  out, grad_out, (dx, dw) = _torch_grads(
+      torch, lambda x, w: torch.nn.functional.conv2d(x, w, padding=p), x, w)
+
+  module = layers.Conv2d(feat, kernel_size=k, padding=p, use_bias=False)
+  def loss(x_nhwc, kernel_hwio):
+    y = module.apply({'params': {'conv': {'kernel': kernel_hwio}}}, x_nhwc)
+    return jnp.vdot(y, grad_out.transpose(0, 2, 3, 1)), y
+  (_, y), (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0))
+  np.testing.assert_allclose(y, out.transpose(0, 2, 3, 1), **TOL)
+  np.testing.assert_allclose(gx, dx.transpose(0, 2, 3, 1), **TOL)
+  np.testing.assert_allclose(gw, dw.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['max', 'avg'])
+@pytest.mark.parametrize('kernel, hw', [(2, (8, 8)), (2, (9, 7)), (3, (10, 12)), ((2, 3), (6, 7))])
+def test_tiling_pool_gradients_match_torch(kind, kernel, hw):
+  torch = pytest.importorskip('torch')
+  F = torch.nn.functional
+  x = _random((2, 3, *hw), 400)   # continuous values: no ties, so max's gradient is unambiguous
+  pool = F.max_pool2d if kind == 'max' else F.avg_pool2d
+  out, grad_out, (dx,) = _torch_grads(torch, lambda x: pool(x, kernel), x)
+  module = layers.MaxPool2d(kernel) if kind == 'max' else layers.AvgPool2d(kernel)
+  y, vjp = jax.vjp(lambda x: module.apply({}, x), x.transpose(0, 2, 3, 1))
+  (gx,) = vjp(jnp.asarray(grad_out.transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(y, out.transpose(0, 2, 3, 1), **TOL)
+  np.testing.assert_allclose(gx, dx.transpose(0, 2, 3, 1), **TOL)
