@@ -73,9 +73,13 @@ PUBLISHED = {
     # The quickstart net: 5x5 conv(no bias)+BN stages 16, 32 at 28x28 -> 7x7x32; fc 128; fc 10.
     'mnist_cnn': (_conv(1, 16, 5) + _bn(16) + _conv(16, 32, 5) + _bn(32) + _fc(7 * 7 * 32, 128)
                   + _fc(128, 10)),
+    # airbench94.py: 2x2 whitening conv 3->24 (bias), groups of two 3x3 convs 64/256/256 with
+    # BN bias only (scale frozen at 1, not a parameter), linear 256->10 without bias.
+    'airbench94': (_conv(3, 24, 2, bias=True) + _conv(24, 64, 3) + _conv(64, 64, 3)
+                   + _conv(64, 256, 3) + 3 * _conv(256, 256, 3) + (2 * 64 + 4 * 256) + 256 * 10),
 }
 NATIVE_SIZE = {'lenet5': 28, 'mnist_cnn': 28, 'tutorial_net': 32, 'convnet': 32,
-               'cifar_resnet18': 32, 'small_resnet': 32}
+               'cifar_resnet18': 32, 'small_resnet': 32, 'airbench94': 32}
 TORCHVISION = [n for n in MODELS if n in PUBLISHED and n not in NATIVE_SIZE]
 
 

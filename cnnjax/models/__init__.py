@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
+from cnnjax.models.airbench import Airbench94
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.efficientnet import EfficientNet, EfficientNetB0
 from cnnjax.models.googlenet import GoogLeNet
@@ -57,6 +58,7 @@ MODELS = {
     'small_resnet': SmallResNet,
     'efficientnet_b0': EfficientNetB0,
     'mobilenet_v2': MobileNetV2,
+    'airbench94': Airbench94,
 }
 
 
