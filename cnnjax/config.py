@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size=500,
       eval_every_steps=0,       # 0 = evaluate at the end of every epoch
       label_smoothing=0.0,
+      eval_flip_tta=False,      # evaluate on the mean logits of each test image and its mirror
       log_every_steps=50,
       progress_bar=True,
   ))

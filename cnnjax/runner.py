@@ -45,12 +45,20 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
   return dataset
 
 
+def init_from_data(model, variables: dict, dataset: data.Dataset) -> dict:
+  """Data-dependent initialization of a new run, for models that define
+  `init_from_data(variables, images, mean, std)` (airbench94's whitening conv); else unchanged."""
+  init = getattr(model, 'init_from_data', None)
+  return variables if init is None else init(variables, dataset.x_train, dataset.mean, dataset.std)
+
+
 def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
                 frozen: tuple[str, ...] = (), axis_name: str | None = None) -> train.StepRecipe:
   return train.StepRecipe(
       mean=tuple(dataset.mean), std=tuple(dataset.std), crop_padding=config.data.crop_padding,
       pad_mode=config.data.pad_mode, flip=config.data.flip,
-      label_smoothing=config.train.label_smoothing, frozen=frozen, axis_name=axis_name)
+      label_smoothing=config.train.label_smoothing, eval_flip_tta=config.train.eval_flip_tta,
+      frozen=frozen, axis_name=axis_name)
 
 
 def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: int,
@@ -142,6 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   # Start-up order: resume from this workdir, else initialize from pretrained, else from scratch.
   variables = train.init_variables(model, dataset.x_train.shape[1:], init_rng)
   if not ckpts.all_steps():
+    variables = init_from_data(model, variables, dataset)
     variables = transfer.init_from_pretrained(variables, config.transfer, config.model.name)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, steps_per_epoch,
                                       total_steps, variables['params'])

@@ -46,6 +46,7 @@ class StepRecipe:
   pad_mode: str = 'constant'
   flip: bool = False
   label_smoothing: float = 0.0
+  eval_flip_tta: bool = False       # evaluate on the mean logits of each image and its mirror
   frozen: tuple[str, ...] = ()      # param paths with no gradient (see optim.frozen_mask)
   axis_name: str | None = None      # set under pmap
 
@@ -128,11 +129,21 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
   return new_state, metrics
 
 
+def eval_logits(state: TrainState, images: jax.Array, recipe: StepRecipe) -> jax.Array:
+  """Evaluation-mode logits of normalized images; with `recipe.eval_flip_tta`, the mean of the
+  logits of each image and of its left-right mirror (flip test-time augmentation)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = state.apply_fn(variables, images, train=False).astype(jnp.float32)
+  if recipe.eval_flip_tta:
+    mirrored = state.apply_fn(variables, images[:, :, ::-1], train=False).astype(jnp.float32)
+    logits = 0.5 * (logits + mirrored)
+  return logits
+
+
 def eval_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> dict:
   """Sums (not means) over the real examples of a batch, so padded rows count for nothing."""
   images = augment.normalize(batch['image'], recipe.mean, recipe.std)
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          images, train=False).astype(jnp.float32)
+  logits = eval_logits(state, images, recipe)
   labels = batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, bool)).astype(jnp.float32)
   sums = {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
