@@ -76,7 +76,7 @@ def run_worker(script: str, args: list[str], env: dict, timeout: float) -> dict:
   return result
 
 
-TIMED = (('train',), ('eval',), ('train_host_fed',), ('eager', 'train'), ('eager', 'eval'),
+TIMED = (('train',), ('eval',), ('train_host_fed',), ('train_loop_device',), ('eager', 'train'), ('eager', 'eval'),
          ('channels_last', 'train'), ('channels_last', 'eval'))
 
 

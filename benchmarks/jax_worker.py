@@ -5,8 +5,9 @@ Measures, for `cnnjax.train.jit_train_step` (SGD with momentum, state donated) a
 * trace+lower and compile time of each step (cold or warm depends on the cache directory the
   orchestrator gives: ``CNNJAX_CACHE_DIR``);
 * train and eval throughput (median step time after warm-up);
-* train throughput when every batch comes from host memory (``jax.device_put`` per step), to
-  check that feeding data is not the bottleneck;
+* the input pipeline: the training loop as `cnnjax.runner` runs it (steps dispatched back to
+  back, no host sync inside the loop) fed by `cnnjax.data.train_batches` from host memory,
+  against the same loop on a batch already on the device;
 * peak resident memory during training and XLA's own buffer plan for the train step.
 
 Run by bench.py; by hand: ``python benchmarks/jax_worker.py --model lenet5``.
@@ -14,6 +15,8 @@ Run by bench.py; by hand: ``python benchmarks/jax_worker.py --model lenet5``.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import time
 
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import train
+from cnnjax import data, train
 from common import (MODELS, NUM_CLASSES, emit, load_average, peak_rss_mb, reset_peak_rss,
                     summarize, time_steps)
 
@@ -67,6 +70,54 @@ def xla_memory_mb(compiled) -> dict:
     return {}
 
 
+def measure_feeding(train_c, state, args) -> dict:
+  """Per-step times of the training loop fed from host memory vs from one on-device batch.
+
+  Both loops dispatch ``window`` steps back to back and wait only for the last, as the runner
+  does (it syncs once per log interval), so gathering and transferring the next batch overlaps
+  the running step. Windows of the two loops alternate, so load on the machine hits both alike.
+  Returns {'train_loop_device': ..., 'train_host_fed': ...} (`summarize` dicts per step).
+  """
+  pool = host_batch(args.model, args.batch * 8, seed=10)  # an 8-batch "dataset" in host memory
+
+  def shuffled_batches():  # the runner's own batching: a new permutation every epoch
+    for epoch in itertools.count():
+      yield from data.train_batches(pool['image'], pool['label'], args.batch, seed=0, epoch=epoch)
+
+  feed = shuffled_batches()
+  on_device = jax.device_put(host_batch(args.model, args.batch, seed=1))
+  sources = {'train_host_fed': lambda: jax.device_put(next(feed)),
+             'train_loop_device': lambda: on_device}
+  step_s, state = _one_step_s(train_c, state, on_device)
+  window = max(3, math.ceil(0.3 / step_s))  # windows of >= 0.3 s: dispatch overhead amortized
+  times = {name: [] for name in sources}
+  began = time.perf_counter()
+  while True:
+    for name, next_batch in sources.items():
+      start = time.perf_counter()
+      for _ in range(window):
+        state, metrics = train_c(state, next_batch())
+      jax.block_until_ready(metrics['loss'])
+      times[name].append((time.perf_counter() - start) / window)
+    pairs = len(times['train_host_fed'])
+    spent = time.perf_counter() - began
+    if pairs >= 3 and (pairs * window >= args.steps or (args.budget and spent >= args.budget)):
+      break
+  out = {name: summarize(t, args.batch) for name, t in times.items()}
+  out['feeding_window_steps'] = window
+  out['feeding_probe_step_ms'] = round(1e3 * step_s, 3)
+  return out
+
+
+def _one_step_s(train_c, state, batch):
+  """Seconds of one synchronous train step (after a warm-up step), and the new state."""
+  for _ in range(2):
+    start = time.perf_counter()
+    state, metrics = train_c(state, batch)
+    jax.block_until_ready(metrics['loss'])
+  return time.perf_counter() - start, state
+
+
 def run(args) -> dict:
   state, recipe = make_state(args.model, args.dtype)
   batch = jax.device_put(host_batch(args.model, args.batch, seed=1))
@@ -101,18 +152,8 @@ def run(args) -> dict:
                  args.budget),
       args.batch)
 
-  if args.host_feed:  # a fresh host batch per step, as the training loop feeds them
-    pool = [host_batch(args.model, args.batch, seed=10 + i) for i in range(4)]
-    i = 0
-
-    def fed_once():
-      nonlocal state, i
-      state, metrics = train_c(state, jax.device_put(pool[i % len(pool)]))
-      i += 1
-      metrics['loss'].block_until_ready()
-
-    result['train_host_fed'] = summarize(
-        time_steps(fed_once, args.steps, args.warmup, args.budget), args.batch)
+  if args.host_feed:
+    result.update(measure_feeding(train_c, state, args))
   result['load_average_after'] = load_average()
   return result
 
