@@ -30,7 +30,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name='convnet',
       dtype='float32',          # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-      bn_momentum=0.9,          # Flax convention: 0.9 == PyTorch's momentum=0.1
   ))
   c.model.kwargs = ml_collections.ConfigDict()  # architecture options of the chosen model
   c.data = ml_collections.ConfigDict(dict(
