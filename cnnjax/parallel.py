@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnnjax import train
+from cnnjax import runtime, train
 
 AXIS = 'data'       # the mesh axis under 'jit' and the pmap axis name under 'pmap'
 MODES = ('jit', 'pmap')
@@ -200,7 +200,8 @@ def _jit_steps(mesh: Mesh):
   replicated = NamedSharding(mesh, P())
   train_fn = jax.jit(train.train_step, static_argnames='recipe', donate_argnames='state',
                      out_shardings=replicated)
-  eval_fn = jax.jit(train.eval_step, static_argnames='recipe', out_shardings=replicated)
+  eval_fn = jax.jit(train.eval_step, static_argnames='recipe', out_shardings=replicated,
+                    compiler_options=runtime.eval_compiler_options())
   return train_fn, eval_fn
 
 

@@ -32,6 +32,14 @@ _CPU_FLAGS: dict[tuple[int, int], dict[str, str]] = {
     (0, 10): {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'},
 }
 
+# Per-compilation options for evaluation steps, per jaxlib (same gating as _CPU_FLAGS). Training
+# needs YNNPACK's reduction fusions (batch-norm statistics); a forward pass with frozen
+# statistics is faster without them: only dots go to YNNPACK.
+_EVAL_COMPILER_OPTIONS: dict[tuple[int, int], dict[str, str]] = {
+    (0, 10): {'xla_cpu_experimental_ynn_fusion_type':
+              'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT'},
+}
+
 _CACHE_MIN_COMPILE_TIME_SECS = 0.2   # JAX's default (1 s) skips most CPU compilations of tests.
 _CACHE_MIN_ENTRY_SIZE_BYTES = -1     # -1: no size limit (and JAX may not raise it later).
 
@@ -75,9 +83,32 @@ def cpu_flags() -> dict[str, str]:
   return dict(_CPU_FLAGS.get(_jaxlib_version(), {}))
 
 
+def _cpu_flags_disabled() -> bool:
+  return os.environ.get('CNNJAX_CPU_FLAGS', '1').strip().lower() in ('0', 'false', 'no', 'off')
+
+
+def eval_compiler_options() -> dict[str, str] | None:
+  """``compiler_options`` for jit-compiling evaluation steps (None: compile as usual).
+
+  On jaxlib 0.10, YNNPACK's reduction fusions (which speed up batch-norm statistics in a train
+  step) slow down a ResNet's forward pass with frozen statistics; leaving them out of the eval
+  step made cifar_resnet18's eval 1.3x faster (benchmarks/README.md). The options only touch
+  XLA:CPU (other backends ignore ``xla_cpu_*`` options). None when ``CNNJAX_CPU_FLAGS=0`` or the
+  user set YNNPACK fusions in ``XLA_FLAGS`` themselves.
+  """
+  options = _EVAL_COMPILER_OPTIONS.get(_jaxlib_version())
+  if not options or _cpu_flags_disabled():
+    return None
+  ours = {f'--{name}={value}' for name, value in cpu_flags().items()}
+  users = [f for f in os.environ.get('XLA_FLAGS', '').split() if f not in ours]
+  if set(options) & _flag_names(' '.join(users)):
+    return None
+  return dict(options)
+
+
 def set_xla_flags() -> list[str]:
   """Appends cnnjax's CPU flags to ``XLA_FLAGS`` unless present; returns the flags it added."""
-  if os.environ.get('CNNJAX_CPU_FLAGS', '1').strip().lower() in ('0', 'false', 'no', 'off'):
+  if _cpu_flags_disabled():
     return []
   current = os.environ.get('XLA_FLAGS', '')
   present = _flag_names(current)

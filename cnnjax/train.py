@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax import runtime
 from cnnjax.data import augment
 
 Batch = dict  # {'image': uint8 (N, H, W, C), 'label': int32 (N,), optional 'mask': bool (N,)}
@@ -156,4 +157,5 @@ def eval_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> dict:
 
 
 jit_train_step = jax.jit(train_step, static_argnames='recipe', donate_argnames='state')
-jit_eval_step = jax.jit(eval_step, static_argnames='recipe')
+jit_eval_step = jax.jit(eval_step, static_argnames='recipe',
+                        compiler_options=runtime.eval_compiler_options())

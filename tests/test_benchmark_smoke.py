@@ -50,6 +50,7 @@ import cnnjax, jax
 from cnnjax import runtime
 runtime.configure_cpu()  # a second call changes nothing
 print(json.dumps({'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cnnjax_flags': runtime.cpu_flags(),
+                  'eval_options': runtime.eval_compiler_options(),
                   'cache_dir': jax.config.jax_compilation_cache_dir,
                   'min_time': jax.config.jax_persistent_cache_min_compile_time_secs}))
 """
@@ -71,11 +72,14 @@ def test_runtime_adds_its_flags_once_and_keeps_the_users(tmp_path):
       f'--{k}={v}' for k, v in out['cnnjax_flags'].items()]
   assert out['xla_flags'].split() == expected
   assert out['cache_dir'] == cache and out['min_time'] < 1.0
+  assert bool(out['eval_options']) == bool(out['cnnjax_flags'])  # measured on the same jaxlibs
   for name in out['cnnjax_flags']:  # a value the user chose for the same flag wins
     mine = f'--{name}=dot'
-    assert _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=mine)['xla_flags'] == mine
+    users = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=mine)
+    assert users['xla_flags'] == mine
+    assert users['eval_options'] is None  # ... and the eval step does not override it either
 
 
 def test_runtime_opt_outs():
   out = _probe(CNNJAX_CACHE_DIR='', CNNJAX_CPU_FLAGS='0')
-  assert out['xla_flags'] == '' and out['cache_dir'] is None
+  assert out['xla_flags'] == '' and out['cache_dir'] is None and out['eval_options'] is None

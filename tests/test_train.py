@@ -51,6 +51,18 @@ def test_overfits_one_batch_and_updates_bn_stats(digits):
   assert float(sums['count']) == 32
 
 
+def test_eval_step_compiler_options_change_speed_not_results(digits):
+  # jit_eval_step is compiled with cnnjax.runtime's eval options (fewer YNNPACK fusions on
+  # jaxlib 0.10): the same sums as a plain jax.jit of eval_step, with and without the BN sums.
+  ds, batch = digits
+  state = _state('convnet', ds)
+  for _ in range(2):  # move the BN running statistics off their initial values
+    state, _ = train.jit_train_step(state, batch, train.StepRecipe(mean=ds.mean, std=ds.std))
+  recipe = train.StepRecipe(mean=ds.mean, std=ds.std)
+  plain = jax.jit(train.eval_step, static_argnames='recipe')(state, batch, recipe)
+  chex.assert_trees_all_close(train.jit_eval_step(state, batch, recipe), plain, rtol=1e-5)
+
+
 def test_eval_step_ignores_masked_rows(digits):
   ds, batch = digits
   state = _state('lenet5', ds)
