@@ -9,21 +9,23 @@ torchvision weights port by transposition alone:
 * the default initializers are PyTorch's (uniform in +-1/sqrt(fan_in) for weights and biases);
 * BatchNorm uses eps=1e-5 and updates its running variance with the unbiased batch variance.
 
+On the CPU, `Conv2d` with very few channels and tiling pools take the fast paths of
+`cnnjax.fast_paths` (same results, faster under XLA:CPU).
+
 Momentum conventions differ between the frameworks: Flax keeps ``momentum`` as the weight of the
 *old* running statistic, PyTorch as the weight of the *new* batch statistic. Flax 0.9 == PyTorch
 0.1, and that is the default here.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.fast_paths import BlockConv, space_to_depth_block, tiled
 from cnnjax.shapes import pair  # (v, v) for an int, like torch's _pair
 
 Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
@@ -87,101 +89,6 @@ def torch_uniform_init(fan_in: int):
   return init
 
 
-_CPU_FAST_PATHS = contextvars.ContextVar('cnnjax_cpu_fast_paths', default=True)
-
-
-@contextlib.contextmanager
-def cpu_fast_paths(enabled: bool) -> Iterator[None]:
-  """Turns the CPU fast paths (block convolutions, tiling pools) on or off while tracing.
-
-  Both compute the same function as the plain ``lax`` convolution and windowed reduction (to
-  float32 rounding), but through reshapes; `cnnjax.summary` turns them off so that its
-  receptive-field trace sees ordinary convolutions and pools.
-  """
-  token = _CPU_FAST_PATHS.set(enabled)
-  try:
-    yield
-  finally:
-    _CPU_FAST_PATHS.reset(token)
-
-
-def space_to_depth_block(in_channels: int, features: int, kernel_size, stride, dilation,
-                         groups: int) -> int:
-  """Block size s for computing a convolution on s x s pixel blocks (1: compute it directly).
-
-  XLA:CPU convolutions are slow when the input has very few channels (3 for RGB, 1 for MNIST,
-  6 in LeNet's second conv): 3-5 GFLOP/s. Rearranging the input into s x s blocks
-  (``s*s*C`` channels) turns a k x k stride-1 convolution into a ceil((k+s-1)/s)-sized one on
-  the block grid: more multiply-adds but channel counts XLA handles well (measured 2-4x faster
-  per layer on a 2-core AVX-512 CPU, benchmarks/README.md). Blocks multiply the output channels
-  by s*s too, so wide layers (a ResNet stem's 64 filters) stay direct; 4x4 blocks only pay off
-  for kernels of 5 and more. Only on the CPU backend, where it was measured.
-  """
-  if (not _CPU_FAST_PATHS.get() or jax.default_backend() != 'cpu' or groups != 1 or tuple(stride) != (1, 1)
-      or tuple(dilation) != (1, 1) or in_channels > 8 or features > 32 or min(kernel_size) < 3):
-    return 1
-  return 4 if in_channels <= 3 and min(kernel_size) >= 5 else 2
-
-
-def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
-  n, h, w, c = x.shape
-  x = x.reshape(n, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h // s, w // s, s * s * c)
-
-
-def _depth_to_space(x: jax.Array, s: int) -> jax.Array:
-  n, h, w, c = x.shape
-  x = x.reshape(n, h, w, s, s, c // (s * s)).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h * s, w * s, c // (s * s))
-
-
-def _block_kernel(kernel: jax.Array, s: int) -> jax.Array:
-  """HWIO k x k kernel -> the equivalent kernel on s x s blocks: (kb, kb, s*s*I, s*s*O)."""
-  kh, kw, i, o = kernel.shape
-  bh, bw = -(-(kh + s - 1) // s), -(-(kw + s - 1) // s)
-  shifted = []
-  for a in range(s):      # output row offset inside a block
-    for b in range(s):    # output column offset
-      k = jnp.pad(kernel, ((a, s * bh - kh - a), (b, s * bw - kw - b), (0, 0), (0, 0)))
-      k = k.reshape(bh, s, bw, s, i, o).transpose(0, 2, 1, 3, 4, 5).reshape(bh, bw, s * s * i, o)
-      shifted.append(k)
-  return jnp.stack(shifted, axis=-2).reshape(bh, bw, s * s * i, s * s * o)
-
-
-def conv_space_to_depth(x: jax.Array, kernel: jax.Array, padding, s: int) -> jax.Array:
-  """A stride-1 convolution (explicit padding) computed on s x s blocks; same result as lax."""
-  kh, kw = kernel.shape[:2]
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  bh, bw = -(-(kh + s - 1) // s), -(-(kw + s - 1) // s)
-  need_h, need_w = s * (-(-ho // s) + bh - 1), s * (-(-wo // s) + bw - 1)
-  x = x[:, :need_h, :need_w]
-  x = jnp.pad(x, ((0, 0), (0, need_h - x.shape[1]), (0, need_w - x.shape[2]), (0, 0)))
-  y = jax.lax.conv_general_dilated(_space_to_depth(x, s), _block_kernel(kernel, s), (1, 1),
-                                   'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return _depth_to_space(y, s)[:, :ho, :wo]
-
-
-class _BlockConv(nn.Module):
-  """nn.Conv's parameters ('kernel' HWIO, 'bias') computed by `conv_space_to_depth`."""
-  features: int
-  kernel_size: tuple[int, int]
-  padding: Any
-  block: int
-  use_bias: bool
-  dtype: Dtype | None
-  kernel_init: Any
-  bias_init: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_space_to_depth(x, kernel, self.padding, self.block)
-    return y if bias is None else y + bias
-
-
 class Conv2d(nn.Module):
   """2-D convolution, NHWC, with PyTorch's padding semantics and initialization.
 
@@ -217,7 +124,7 @@ class Conv2d(nn.Module):
     block = space_to_depth_block(in_channels, self.features, kernel_size, stride, dilation,
                                  self.groups)
     if block > 1:
-      return _BlockConv(self.features, kernel_size, padding, block, self.use_bias, self.dtype,
+      return BlockConv(self.features, kernel_size, padding, block, self.use_bias, self.dtype,
                         self.kernel_init or default_init, self.bias_init or default_init,
                         name='conv')(x)
     return nn.Conv(
@@ -264,21 +171,6 @@ def _pool_padding(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mo
   return kernel_size, stride, padding
 
 
-def _tiled(x: jax.Array, kernel_size, stride, padding) -> jax.Array | None:
-  """(N, H/kh, kh, W/kw, kw, C) when windows tile the input (stride == kernel, no padding), else
-  None. XLA:CPU differentiates a reduction over this view with cheap elementwise ops instead of
-  the select-and-scatter of a windowed reduction (3x faster tutorial_net step). The one
-  difference from PyTorch: where a window holds several equal maxima, max's gradient is shared
-  among them instead of going to the first (after a ReLU those are zeros, whose gradient is 0)."""
-  if (not _CPU_FAST_PATHS.get() or jax.default_backend() != 'cpu'
-      or tuple(stride) != tuple(kernel_size)
-      or any(lo or hi for lo, hi in padding)):
-    return None
-  (kh, kw), (h, w) = kernel_size, x.shape[1:3]
-  x = x[:, :h - h % kh, :w - w % kw]  # floor mode drops the remainder
-  return x.reshape(x.shape[0], h // kh, kh, w // kw, kw, x.shape[3])
-
-
 class MaxPool2d(nn.Module):
   """Max pooling like ``torch.nn.MaxPool2d`` (padded cells are -inf; stride defaults to kernel)."""
   kernel_size: int | Sequence[int] = 2
@@ -290,7 +182,7 @@ class MaxPool2d(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, stride, padding = _pool_padding(
         'MaxPool2d', x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
-    tiles = _tiled(x, kernel_size, stride, padding)
+    tiles = tiled(x, kernel_size, stride, padding)
     if tiles is not None:
       return tiles.max(axis=(2, 4))
     return nn.max_pool(x, kernel_size, stride, padding)
@@ -307,7 +199,7 @@ class AvgPool2d(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, stride, padding = _pool_padding(
         'AvgPool2d', x, self.kernel_size, self.stride, self.padding, False)
-    tiles = _tiled(x, kernel_size, stride, padding)
+    tiles = tiled(x, kernel_size, stride, padding)
     if tiles is not None:
       return tiles.mean(axis=(2, 4))
     return nn.avg_pool(x, kernel_size, stride, padding, count_include_pad=self.count_include_pad)

@@ -30,8 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax import layers
-from cnnjax import rf_trace
+from cnnjax import fast_paths, layers, rf_trace
 
 LAYER_TYPES = (layers.Conv2d, layers.Linear, layers.MaxPool2d, layers.AvgPool2d,
                layers.GlobalAvgPool, layers.BatchNorm, nn.Dropout)
@@ -151,7 +150,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, variables=None,
         return model.apply(variables, x, rngs={'dropout': key}, mutable=['batch_stats'],
                            **call_kwargs)
     first = variables
-  with layers.cpu_fast_paths(False):  # plain convs and pools, which the rf trace understands
+  with fast_paths.cpu_fast_paths(False):  # plain convs and pools, which the rf trace understands
     jaxpr, (_, state) = jax.make_jaxpr(forward, return_shape=True)(first, x)
   if variables is None:
     variables = state

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import layers
+from cnnjax import fast_paths, layers
 from cnnjax import reference
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -289,7 +289,7 @@ def test_block_conv_gradients_match_torch(case_id):
   cin, feat, k, p, hw = BLOCK_CONV_CASES[case_id]
   k = layers.pair(k)
   if jax.default_backend() == 'cpu':  # the case must exercise the block path it is here for
-    assert layers.space_to_depth_block(cin, feat, k, (1, 1), (1, 1), 1) > 1
+    assert fast_paths.space_to_depth_block(cin, feat, k, (1, 1), (1, 1), 1) > 1
   x = _random((2, cin, *hw), 200 + case_id)                  # NCHW, as PyTorch wants it
   w = _random((feat, cin, *k), 300 + case_id) / np.float32(np.sqrt(cin * k[0] * k[1]))
   out, grad_out, (dx, dw) = _torch_grads(
