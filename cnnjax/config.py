@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field any experiment may set, with its default and therefore its type."""
-  from cnnjax import optim  # late import: optim pulls in optax
+  from cnnjax import optim, schedules  # late import: they pull in optax
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       flip=False,               # random horizontal flip
   ))
   c.optimizer = optim.default_optimizer_config()
-  c.schedule = optim.default_schedule_config()
+  c.schedule = schedules.default_schedule_config()
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128,           # global batch, split over all devices
       num_epochs=10,

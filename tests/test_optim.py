@@ -10,17 +10,17 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import layers, optim
+from cnnjax import layers, optim, schedules
 
 SPE, EPOCHS, PEAK = 7, 10, 0.1   # steps per epoch, epochs, peak learning rate
 TOTAL = SPE * EPOCHS
 
 
 def schedule_values(name, total=TOTAL, **fields):
-  cfg = optim.default_schedule_config()
+  cfg = schedules.default_schedule_config()
   cfg.name = name
   cfg.update(fields)
-  sched = optim.make_schedule(cfg, PEAK, SPE, total)
+  sched = schedules.make_schedule(cfg, PEAK, SPE, total)
   return np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(total)), np.float64)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cnnjax import config as config_lib
-from cnnjax import models, optim, runner, train
+from cnnjax import models, optim, runner, schedules, train
 from cnnjax.models.airbench import whitening_kernel
 
 # 2x2 whitening conv (3 -> 24, bias), groups of conv3x3(no bias) + BN bias, head 256 -> 10.
@@ -165,7 +165,7 @@ def test_schedule_is_airbenchs_triangle_at_every_step():
   config = config_lib.load_experiment('cifar_speedrun')
   steps_per_epoch = 50_000 // config.train.batch_size                    # 48, drop_last
   total = steps_per_epoch * config.train.num_epochs
-  schedule = optim.make_schedule(config.schedule, config.optimizer.lr, steps_per_epoch, total)
+  schedule = schedules.make_schedule(config.schedule, config.optimizer.lr, steps_per_epoch, total)
   ours = np.asarray(jax.vmap(schedule)(jnp.arange(total + 1)))
   expected = config.optimizer.lr * triangle(total, start=0.2, end=0.07, peak=0.23)
   np.testing.assert_allclose(ours, expected, rtol=1e-6)
