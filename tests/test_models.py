@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cnnjax.models import MODELS, ResNet, activations, get_model, layer_names, model_names
-from test_blocks import compare, import_torch, init_key, torch_to_flax
+from torch_compare import compare, import_torch, init_key, torch_to_flax
 
 
 def _conv(cin, cout, k, bias=False):
