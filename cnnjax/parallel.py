@@ -201,7 +201,7 @@ def _jit_steps(mesh: Mesh):
   train_fn = jax.jit(train.train_step, static_argnames='recipe', donate_argnames='state',
                      out_shardings=replicated)
   eval_fn = jax.jit(train.eval_step, static_argnames='recipe', out_shardings=replicated,
-                    compiler_options=runtime.eval_compiler_options())
+                    compiler_options=runtime.eval_compiler_options(mesh.devices.flat[0].platform))
   return train_fn, eval_fn
 
 

@@ -87,17 +87,33 @@ def _cpu_flags_disabled() -> bool:
   return os.environ.get('CNNJAX_CPU_FLAGS', '1').strip().lower() in ('0', 'false', 'no', 'off')
 
 
-def eval_compiler_options() -> dict[str, str] | None:
+_ACCELERATOR_PLUGINS = ('libtpu', 'jax-cuda', 'jax_cuda', 'jax-rocm', 'jax_rocm')
+
+
+def _cpu_is_the_default_backend() -> bool:
+  """Whether JAX will compute on the CPU, known without starting a backend: JAX_PLATFORMS says
+  so, or no accelerator plugin (libtpu, jax-cuda*, jax-rocm*) is installed."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip().lower()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  from importlib import metadata
+  names = (dist.metadata.get('Name', '') or '' for dist in metadata.distributions())
+  return not any(name.lower().startswith(_ACCELERATOR_PLUGINS) for name in names)
+
+
+def eval_compiler_options(platform: str | None = None) -> dict[str, str] | None:
   """``compiler_options`` for jit-compiling evaluation steps (None: compile as usual).
 
   On jaxlib 0.10, YNNPACK's reduction fusions (which speed up batch-norm statistics in a train
   step) slow down a ResNet's forward pass with frozen statistics; leaving them out of the eval
-  step made cifar_resnet18's eval 1.3x faster (benchmarks/README.md). The options only touch
-  XLA:CPU (other backends ignore ``xla_cpu_*`` options). None when ``CNNJAX_CPU_FLAGS=0`` or the
-  user set YNNPACK fusions in ``XLA_FLAGS`` themselves.
+  step made cifar_resnet18's eval 1.3x faster (benchmarks/README.md). Only for the CPU:
+  ``platform`` is the devices' platform when known, else it is inferred without starting JAX.
+  None when ``CNNJAX_CPU_FLAGS=0`` or the user set YNNPACK fusions in ``XLA_FLAGS`` themselves.
   """
   options = _EVAL_COMPILER_OPTIONS.get(_jaxlib_version())
   if not options or _cpu_flags_disabled():
+    return None
+  if platform != 'cpu' and (platform is not None or not _cpu_is_the_default_backend()):
     return None
   ours = {f'--{name}={value}' for name, value in cpu_flags().items()}
   users = [f for f in os.environ.get('XLA_FLAGS', '').split() if f not in ours]

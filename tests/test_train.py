@@ -63,6 +63,15 @@ def test_eval_step_compiler_options_change_speed_not_results(digits):
   chex.assert_trees_all_close(train.jit_eval_step(state, batch, recipe), plain, rtol=1e-5)
 
 
+def test_eval_compiler_options_are_for_the_cpu_only(monkeypatch):
+  from cnnjax import runtime
+  assert runtime.eval_compiler_options('tpu') is None and runtime.eval_compiler_options('gpu') is None
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')   # an accelerator first: nothing CPU-specific
+  assert runtime.eval_compiler_options() is None
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert runtime.eval_compiler_options() == runtime.eval_compiler_options('cpu')
+
+
 def test_eval_step_ignores_masked_rows(digits):
   ds, batch = digits
   state = _state('lenet5', ds)
