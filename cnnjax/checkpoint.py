@@ -296,9 +296,12 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
 def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
   """({'params': ..., 'batch_stats': ...} as host NumPy arrays, step directory) of a checkpoint."""
   step_dir = find_checkpoint(path)
-  checkpointer = ocp.PyTreeCheckpointer()
+  # The item's handler, not a Checkpointer: a Checkpointer looks for the step-level metadata file
+  # inside the item directory and logs a warning that it is missing (CheckpointManager keeps it
+  # one level up).
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    saved = _metadata_tree(checkpointer.metadata(step_dir / 'state'))
+    saved = _metadata_tree(handler.metadata(step_dir / 'state'))
     if not isinstance(saved, dict) or 'params' not in saved:
       raise CheckpointError(f'{step_dir} is not a cnnjax checkpoint (it has no params).')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
@@ -308,7 +311,7 @@ def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Pa
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
       return ocp.PLACEHOLDER
     target = jax.tree_util.tree_map_with_path(wanted, saved)
-    restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+    restored = handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
   except CheckpointError:
     raise
