@@ -11,11 +11,9 @@ from. Each framework runs in its own process: JAX with cnnjax's CPU configuratio
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import time
+
+from bench import run_worker, worker_env
+from common import emit, time_steps
 
 # (H = W, C in = C out): the 3x3 convs of ResNet-18's four stages on 32x32 inputs.
 SHAPES = [(32, 64), (16, 128), (8, 256), (4, 512)]
@@ -23,13 +21,7 @@ PASSES = ('fwd', 'grad_input', 'grad_weight')
 
 
 def _best_ms(fn, repeat: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeat):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
+  return 1e3 * min(time_steps(fn, repeat, warmup=1))  # the warm-up call compiles
 
 
 def run_jax(batch: int, repeat: int) -> dict:
@@ -77,15 +69,12 @@ def run_torch(batch: int, repeat: int, channels_last: bool) -> dict:
 
 
 def _worker(which: str, a) -> dict | None:
-  cmd = [sys.executable, __file__, '--worker', which, '--batch', str(a.batch), '--repeat',
-         str(a.repeat)]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if proc.returncode != 0:
-    print(f'[{which}] failed: {proc.stderr.strip().splitlines()[-1:]}', file=sys.stderr)
+  result = run_worker('conv_passes.py', ['--worker', which, '--batch', str(a.batch), '--repeat',
+                                         str(a.repeat)], worker_env(), timeout=600)
+  if 'error' in result:
+    print(f'[{which}] {result["error"]}')
     return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return result
 
 
 def main(argv=None) -> None:
@@ -98,7 +87,7 @@ def main(argv=None) -> None:
   if a.worker:
     result = (run_jax(a.batch, a.repeat) if a.worker == 'jax'
               else run_torch(a.batch, a.repeat, a.worker == 'torch_channels_last'))
-    print(json.dumps(result))
+    emit(result)
     return
   runs = {name: _worker(name, a) for name in ('jax', 'torch_nchw', 'torch_channels_last')}
   print(f'| 3x3 conv, batch {a.batch} | pass | cnnjax (XLA:CPU) ms | PyTorch NCHW ms | '
