@@ -70,7 +70,7 @@ def xla_memory_mb(compiled) -> dict:
     return {}
 
 
-def measure_feeding(train_c, state, args) -> dict:
+def measure_feeding(train_c, state, on_device, args) -> dict:
   """Per-step times of the training loop fed from host memory vs from one on-device batch.
 
   Both loops dispatch ``window`` steps back to back and wait only for the last, as the runner
@@ -85,7 +85,6 @@ def measure_feeding(train_c, state, args) -> dict:
       yield from data.train_batches(pool['image'], pool['label'], args.batch, seed=0, epoch=epoch)
 
   feed = shuffled_batches()
-  on_device = jax.device_put(host_batch(args.model, args.batch, seed=1))
   sources = {'train_host_fed': lambda: jax.device_put(next(feed)),
              'train_loop_device': lambda: on_device}
   step_s, state = _one_step_s(train_c, state, on_device)
@@ -153,7 +152,7 @@ def run(args) -> dict:
       args.batch)
 
   if args.host_feed:
-    result.update(measure_feeding(train_c, state, args))
+    result.update(measure_feeding(train_c, state, batch, args))
   result['load_average_after'] = load_average()
   return result
 

@@ -39,6 +39,10 @@ def cpu_fast_paths(enabled: bool) -> Iterator[None]:
     _CPU_FAST_PATHS.reset(token)
 
 
+def _enabled() -> bool:
+  return _CPU_FAST_PATHS.get() and jax.default_backend() == 'cpu'
+
+
 def space_to_depth_block(in_channels: int, features: int, kernel_size, stride, dilation,
                          groups: int) -> int:
   """Block size s for computing a convolution on s x s pixel blocks (1: compute it directly).
@@ -51,9 +55,8 @@ def space_to_depth_block(in_channels: int, features: int, kernel_size, stride, d
   by s*s too, so wide layers (a ResNet stem's 64 filters) stay direct; 4x4 blocks only pay off
   for kernels of 5 and more. Only on the CPU backend, where it was measured.
   """
-  if (not _CPU_FAST_PATHS.get() or jax.default_backend() != 'cpu' or groups != 1
-      or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or in_channels > 8 or features > 32
-      or min(kernel_size) < 3):
+  if (not _enabled() or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
+      or in_channels > 8 or features > 32 or min(kernel_size) < 3):
     return 1
   return 4 if in_channels <= 3 and min(kernel_size) >= 5 else 2
 
@@ -123,9 +126,7 @@ def tiled(x: jax.Array, kernel_size, stride, padding) -> jax.Array | None:
   the select-and-scatter of a windowed reduction (3x faster tutorial_net step). The one
   difference from PyTorch: where a window holds several equal maxima, max's gradient is shared
   among them instead of going to the first (after a ReLU those are zeros, whose gradient is 0)."""
-  if (not _CPU_FAST_PATHS.get() or jax.default_backend() != 'cpu'
-      or tuple(stride) != tuple(kernel_size)
-      or any(lo or hi for lo, hi in padding)):
+  if not _enabled() or tuple(stride) != tuple(kernel_size) or any(lo or hi for lo, hi in padding):
     return None
   (kh, kw), (h, w) = kernel_size, x.shape[1:3]
   x = x[:, :h - h % kh, :w - w % kw]  # floor mode drops the remainder
