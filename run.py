@@ -32,6 +32,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   from cnnjax import config as config_lib
+  from cnnjax.errors import CnnjaxError
   try:
     if args.list:
       for name in config_lib.experiment_names():
@@ -47,22 +48,13 @@ def main(argv=None) -> int:
       config_lib.experiment_main(args.experiment)(config, workdir)  # a multi-stage experiment
     else:
       runner.run(config, workdir)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    if not _is_user_error(e):
-      raise
+  except CnnjaxError as e:  # a user's mistake: one sentence; anything else is a bug (traceback)
     print(f'error: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130
   return 0
-
-
-def _is_user_error(e: Exception) -> bool:
-  """User errors are cnnjax's own one-sentence exceptions (ValueError subclasses, data/checkpoint
-  problems, a NaN loss); anything else is a bug and keeps its traceback."""
-  module = type(e).__module__ or ''
-  return module.startswith('cnnjax') or type(e) in (ValueError, FileNotFoundError)
 
 
 if __name__ == '__main__':

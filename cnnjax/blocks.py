@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.errors import ConfigError
 from cnnjax.layers import BatchNorm, Conv2d, MaxPool2d
 
 ModuleDef = Any
@@ -203,7 +204,7 @@ def stochastic_depth(x: jax.Array, rate: float, *, deterministic: bool,
   """torchvision's ``stochastic_depth(mode='row')``: zero whole samples with probability
   ``rate`` and scale the survivors by 1 / (1 - rate). Identity when deterministic or rate 0."""
   if not 0.0 <= rate <= 1.0:
-    raise ValueError(f'stochastic depth rate must be in [0, 1], got {rate}.')
+    raise ConfigError(f'stochastic depth rate must be in [0, 1], got {rate}.')
   if deterministic or rate == 0.0:
     return x
   keep = 1.0 - rate

@@ -29,12 +29,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from cnnjax import optim
+from cnnjax.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 
 _FORMAT = 1  # bump when the layout of `state` or `meta` changes
 
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used (one sentence naming the file or directory and why)."""
 
 
 def minimizes(metric: str) -> bool:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
-from typing import Iterable
+from typing import Any, Iterable
 
 import ml_collections
 
+from cnnjax.errors import ConfigError  # noqa: F401  (re-exported: raised here)
+
 EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
 
-
-class ConfigError(ValueError):
-  """A bad experiment name, config key or config value (one sentence, shown by run.py)."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +68,25 @@ def base_config() -> ml_collections.ConfigDict:
       process_id=-1,
   ))
   return c
+
+
+def merge_defaults(cfg: Any, defaults: ml_collections.ConfigDict, what: str) -> ml_collections.ConfigDict:
+  """Defaults overridden by ``cfg`` (a ConfigDict, a dict or None); unknown keys are errors."""
+  items = {} if cfg is None else (cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
+  for key, value in items.items():
+    if key not in defaults:
+      raise ConfigError(f'Unknown {what} config key {key!r}; valid keys: {", ".join(sorted(defaults))}.')
+    try:
+      defaults[key] = value
+    except TypeError:
+      raise ConfigError(f'{what} config key {key!r} must be of type '
+                      f'{type(defaults[key]).__name__}, got {value!r}.') from None
+  return defaults
+
+
+def check_choice(value: str, choices: Iterable[str], what: str) -> None:
+  if value not in choices:
+    raise ConfigError(f'Unknown {what} {value!r}; valid names: {", ".join(choices)}.')
 
 
 def experiment_names() -> list[str]:

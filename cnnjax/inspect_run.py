@@ -19,10 +19,7 @@ import numpy as np
 
 from cnnjax import checkpoint, data, models, viz
 from cnnjax.data import augment
-
-
-class VisualizeError(ValueError):
-  """Nothing to visualize (no checkpoint) or a checkpoint that does not fit the experiment."""
+from cnnjax.errors import CheckpointError, ConfigError
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
@@ -33,7 +30,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     variables, step_dir = checkpoint.load_variables(workdir)
   except checkpoint.CheckpointError as e:
     if not (workdir / 'checkpoints').is_dir():
-      raise VisualizeError(
+      raise CheckpointError(
           f'{workdir} holds no checkpoint to visualize; train first with python run.py '
           f'--experiment {config.get("experiment") or "<name>"} --workdir {workdir}.') from None
     raise
@@ -45,8 +42,8 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   mismatch = checkpoint.describe_mismatch(checkpoint.shapes_by_path(variables),
                                           checkpoint.shapes_by_path(dict(expected)))
   if mismatch:
-    raise VisualizeError(f'checkpoint {step_dir} does not fit {config.model.name} as this '
-                         f'config builds it ({mismatch}); pass the overrides it was trained with.')
+    raise CheckpointError(f'checkpoint {step_dir} does not fit {config.model.name} as this '
+                          f'config builds it ({mismatch}); pass the overrides it was trained with.')
   return model, variables, dataset, step_dir
 
 
@@ -55,7 +52,7 @@ def first_conv_kernel(params) -> tuple[str, np.ndarray]:
   for path, value in flax.traverse_util.flatten_dict(params, sep='/').items():
     if path.endswith('kernel') and np.ndim(value) == 4:
       return path, np.asarray(value)
-  raise VisualizeError('the model has no convolution kernel to draw.')
+  raise ConfigError('the model has no convolution kernel to draw.')
 
 
 def predict(model, variables, images: np.ndarray, labels: np.ndarray, mean, std,
@@ -78,8 +75,8 @@ def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, la
   workdir = pathlib.Path(workdir)
   model, variables, dataset, step_dir = load_trained(config, workdir)
   if not 0 <= image_index < len(dataset.x_test):
-    raise VisualizeError(f'image_index {image_index} is outside the {len(dataset.x_test)} test '
-                         f'images.')
+    raise ConfigError(f'image_index {image_index} is outside the {len(dataset.x_test)} test '
+                      f'images.')
   out_dir = workdir / 'visualize'
   image = dataset.x_test[image_index:image_index + 1]
   x = augment.normalize(jnp.asarray(image), dataset.mean, dataset.std)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.errors import ShapeError
 from cnnjax.fast_paths import BlockConv, space_to_depth_block, tiled
 from cnnjax.shapes import pair  # (v, v) for an int, like torch's _pair
 
@@ -47,13 +48,13 @@ def explicit_padding(padding: Padding, kernel_size: Sequence[int],
       return ((0, 0), (0, 0))
     if mode == 'same':
       if tuple(stride) != (1, 1):
-        raise ValueError(f"padding='same' needs stride 1 (as in PyTorch), got stride {tuple(stride)}.")
+        raise ShapeError(f"padding='same' needs stride 1 (as in PyTorch), got stride {tuple(stride)}.")
       sides = []
       for k, d in zip(kernel_size, dilation):
         total = d * (k - 1)
         sides.append((total // 2, total - total // 2))
       return tuple(sides)
-    raise ValueError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
+    raise ShapeError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
   if isinstance(padding, int):
     return ((padding, padding), (padding, padding))
   padding = tuple(padding)
@@ -61,7 +62,7 @@ def explicit_padding(padding: Padding, kernel_size: Sequence[int],
     return ((padding[0], padding[0]), (padding[1], padding[1]))
   if len(padding) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding):
     return tuple((int(p[0]), int(p[1])) for p in padding)
-  raise ValueError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
+  raise ShapeError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
 
 
 def check_output_size(layer: str, in_hw: Sequence[int], kernel_size: Sequence[int],
@@ -70,14 +71,14 @@ def check_output_size(layer: str, in_hw: Sequence[int], kernel_size: Sequence[in
   for size, k, s, (lo, hi), d in zip(in_hw, kernel_size, stride, padding, dilation):
     span = d * (k - 1) + 1
     if size + lo + hi < span:
-      raise ValueError(
+      raise ShapeError(
           f'{layer}: input {tuple(in_hw)} padded by {tuple(padding)} is smaller than the '
           f'{"dilated " if d > 1 else ""}kernel {tuple(kernel_size)}; the output would be empty.')
 
 
 def check_input(x: jax.Array, layer: str) -> None:
   if x.ndim != 4:
-    raise ValueError(f'{layer} expects NHWC input of rank 4, got shape {tuple(x.shape)}.')
+    raise ShapeError(f'{layer} expects NHWC input of rank 4, got shape {tuple(x.shape)}.')
 
 
 def torch_uniform_init(fan_in: int):
@@ -116,7 +117,7 @@ class Conv2d(nn.Module):
     padding = explicit_padding(self.padding, kernel_size, stride, dilation)
     in_channels = x.shape[-1]
     if in_channels % self.groups or self.features % self.groups:
-      raise ValueError(f'Conv2d: in_channels {in_channels} and features {self.features} must both '
+      raise ShapeError(f'Conv2d: in_channels {in_channels} and features {self.features} must both '
                        f'be divisible by groups {self.groups}.')
     check_output_size('Conv2d', x.shape[1:3], kernel_size, stride, padding, dilation)
     fan_in = in_channels // self.groups * kernel_size[0] * kernel_size[1]
@@ -157,7 +158,7 @@ def _pool_padding(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mo
   padding = explicit_padding(padding, kernel_size, stride)
   for k, (lo, hi) in zip(kernel_size, padding):
     if lo > k // 2 or hi > k // 2:
-      raise ValueError(f'{name}: padding {padding} must be at most half the kernel {kernel_size}.')
+      raise ShapeError(f'{name}: padding {padding} must be at most half the kernel {kernel_size}.')
   check_output_size(name, x.shape[1:3], kernel_size, stride, padding)
   if ceil_mode:  # PyTorch: round the output size up, but the last window must start inside.
     padding = list(padding)

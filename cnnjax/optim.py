@@ -53,7 +53,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cnnjax.schedules import check_choice, make_schedule, merge_defaults
+from cnnjax.config import check_choice, merge_defaults
+from cnnjax.errors import ConfigError
+from cnnjax.schedules import make_schedule
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 WEIGHT_DECAY_MODES = ('auto', 'coupled', 'decoupled')
@@ -109,7 +111,7 @@ def _compile(pattern: str) -> re.Pattern:
   try:
     return re.compile(f'(?:{pattern})(?:/.*)?')
   except re.error as e:
-    raise ValueError(f'Parameter pattern {pattern!r} is not a valid regular expression ({e}).') from None
+    raise ConfigError(f'Parameter pattern {pattern!r} is not a valid regular expression ({e}).') from None
 
 
 def _patterns(value: Any) -> tuple[str, ...]:
@@ -122,7 +124,7 @@ def _matcher(params: Any, patterns: Iterable[str], what: str):
   paths = _paths(params)
   for pattern, rx in zip(patterns, compiled):
     if not any(rx.fullmatch(path) for path in paths):
-      raise ValueError(f'{what} pattern {pattern!r} matches no parameter (e.g. {paths[0]!r}).'
+      raise ConfigError(f'{what} pattern {pattern!r} matches no parameter (e.g. {paths[0]!r}).'
                        if paths else f'{what} pattern {pattern!r} matches no parameter.')
   return lambda path: any(rx.fullmatch(path) for rx in compiled)
 
@@ -182,7 +184,7 @@ def _lr_factors(cfg: ml_collections.ConfigDict, params: Any) -> Any | None:
     except ValueError:
       value = -1.0
     if not sep or not pattern or value < 0:
-      raise ValueError(f"lr_multipliers entry {entry!r} must look like 'pattern=factor' with factor >= 0.")
+      raise ConfigError(f"lr_multipliers entry {entry!r} must look like 'pattern=factor' with factor >= 0.")
     rules.append((_matcher(params, [pattern], 'lr_multipliers'), value))
   if not rules:
     return None
@@ -197,7 +199,7 @@ def _check_numbers(cfg: ml_collections.ConfigDict) -> None:
   check_choice(cfg.name, OPTIMIZERS, 'optimizer')
   check_choice(cfg.weight_decay_mode, WEIGHT_DECAY_MODES, 'weight_decay_mode')
   if cfg.name == 'adamw' and cfg.weight_decay_mode == 'coupled':
-    raise ValueError("adamw decays decoupled by definition; use name='adam' for coupled weight decay.")
+    raise ConfigError("adamw decays decoupled by definition; use name='adam' for coupled weight decay.")
   checks = [('lr', cfg.lr > 0), ('momentum', 0 <= cfg.momentum < 1), ('b1', 0 <= cfg.b1 < 1),
             ('b2', 0 <= cfg.b2 < 1), ('eps', cfg.eps >= 0), ('weight_decay', cfg.weight_decay >= 0),
             ('grad_clip_norm', cfg.grad_clip_norm >= 0),
@@ -205,9 +207,9 @@ def _check_numbers(cfg: ml_collections.ConfigDict) -> None:
             ('unfrozen_lr_factor', cfg.unfrozen_lr_factor >= 0)]
   for key, ok in checks:
     if not ok:
-      raise ValueError(f'optimizer {key}={cfg[key]} is out of range.')
+      raise ConfigError(f'optimizer {key}={cfg[key]} is out of range.')
   if cfg.nesterov and (cfg.name != 'sgd' or cfg.momentum == 0):
-    raise ValueError('nesterov=True needs the sgd optimizer with momentum > 0.')
+    raise ConfigError('nesterov=True needs the sgd optimizer with momentum > 0.')
 
 
 def _core(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -243,7 +245,7 @@ def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_ste
   present = set(jax.tree.leaves(labels(params)))
   factors = _lr_factors(cfg, params)  # validates lr_multipliers now
   if present == {'frozen'}:
-    raise ValueError('The frozen/trainable patterns freeze every parameter; nothing would train.')
+    raise ConfigError('The frozen/trainable patterns freeze every parameter; nothing would train.')
 
   schedule, transforms, gates = base, {}, {'train': optax.identity()}
   if 'frozen' in present:
@@ -251,9 +253,9 @@ def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_ste
   if cfg.unfreeze_after_epochs > 0:
     boundary = unfreeze_step(cfg, steps_per_epoch)
     if 'late' not in present:
-      raise ValueError('unfreeze_after_epochs needs frozen or trainable patterns to unfreeze.')
+      raise ConfigError('unfreeze_after_epochs needs frozen or trainable patterns to unfreeze.')
     if not 0 < boundary < total_steps:
-      raise ValueError(f'unfreeze_after_epochs={cfg.unfreeze_after_epochs} must fall inside '
+      raise ConfigError(f'unfreeze_after_epochs={cfg.unfreeze_after_epochs} must fall inside '
                        f'training ({total_steps} steps).')
     factor = cfg.unfrozen_lr_factor
     schedule = lambda step: base(step) * jnp.where(step >= boundary, factor, 1.0)

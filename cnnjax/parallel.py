@@ -32,13 +32,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnnjax import runtime, train
+from cnnjax.errors import BatchSplitError  # noqa: F401  (re-exported: raised here)
+from cnnjax.errors import ConfigError
 
 AXIS = 'data'       # the mesh axis under 'jit' and the pmap axis name under 'pmap'
 MODES = ('jit', 'pmap')
 
-
-class BatchSplitError(ValueError):
-  """The global batch does not divide over the devices."""
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -125,10 +124,10 @@ class DataParallel:
   @classmethod
   def create(cls, mode: str = 'jit', devices=None) -> 'DataParallel':
     if mode not in MODES:
-      raise ValueError(f"parallel.mode must be one of {', '.join(MODES)}, got '{mode}'.")
+      raise ConfigError(f"parallel.mode must be one of {', '.join(MODES)}, got '{mode}'.")
     mesh = data_mesh(devices)
     if mode == 'pmap' and list(mesh.devices.flat) != jax.devices()[:mesh.devices.size]:
-      raise ValueError("parallel.mode='pmap' maps over the first devices of jax.devices(); "
+      raise ConfigError("parallel.mode='pmap' maps over the first devices of jax.devices(); "
                        "pass such a prefix (or no devices).")
     return cls(mode, mesh)
 

@@ -21,17 +21,16 @@ import ml_collections
 import numpy as np
 
 from cnnjax import checkpoint, data, models, optim, parallel, recorder, train, transfer, viz
+from cnnjax.errors import ConfigError
+from cnnjax.errors import TrainingError  # noqa: F401  (re-exported: raised here)
 
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset,
                 bn_axis_name: str | None = None):
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(config.model.dtype)
   if dtype is None:
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got '{config.model.dtype}'.")
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got '{config.model.dtype}'.")
   return models.get_model(config.model.name, num_classes=dataset.num_classes,
                           in_channels=dataset.x_train.shape[-1], dtype=dtype,
                           **({'bn_axis_name': bn_axis_name} if bn_axis_name else {}),
@@ -94,12 +93,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Value checks the types of a ConfigDict cannot express (types are checked on assignment)."""
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps'):
     if config.train[key] <= 0:
-      raise ValueError(f'train.{key} must be a positive integer, got {config.train[key]}.')
+      raise ConfigError(f'train.{key} must be a positive integer, got {config.train[key]}.')
   for key in ('num_epochs', 'num_steps', 'eval_every_steps'):
     if config.train[key] < 0:
-      raise ValueError(f'train.{key} must be >= 0, got {config.train[key]}.')
+      raise ConfigError(f'train.{key} must be >= 0, got {config.train[key]}.')
   if not config.train.num_epochs and not config.train.num_steps:
-    raise ValueError('set train.num_epochs or train.num_steps to a positive number.')
+    raise ConfigError('set train.num_epochs or train.num_steps to a positive number.')
 
 
 class _Preemption:

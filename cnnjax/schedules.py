@@ -7,10 +7,13 @@ the start of training. Any schedule but 'onecycle' can have a linear warmup in f
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 import optax
+
+from cnnjax.config import check_choice, merge_defaults
+from cnnjax.errors import ConfigError
 
 SCHEDULES = ('constant', 'step', 'piecewise', 'cosine', 'warmup_cosine', 'onecycle', 'linear')
 
@@ -31,25 +34,6 @@ def default_schedule_config() -> ml_collections.ConfigDict:
   ))
 
 
-def merge_defaults(cfg: Any, defaults: ml_collections.ConfigDict, what: str) -> ml_collections.ConfigDict:
-  """Defaults overridden by ``cfg`` (a ConfigDict, a dict or None); unknown keys are errors."""
-  items = {} if cfg is None else (cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
-  for key, value in items.items():
-    if key not in defaults:
-      raise ValueError(f'Unknown {what} config key {key!r}; valid keys: {", ".join(sorted(defaults))}.')
-    try:
-      defaults[key] = value
-    except TypeError:
-      raise ValueError(f'{what} config key {key!r} must be of type '
-                       f'{type(defaults[key]).__name__}, got {value!r}.') from None
-  return defaults
-
-
-def check_choice(value: str, choices: Iterable[str], what: str) -> None:
-  if value not in choices:
-    raise ValueError(f'Unknown {what} {value!r}; valid names: {", ".join(choices)}.')
-
-
 def make_schedule(sched_cfg: Any, peak_lr: float, steps_per_epoch: int,
                   total_steps: int) -> optax.Schedule:
   """The learning rate as a function of the optimizer step (0 = before the first update).
@@ -62,18 +46,18 @@ def make_schedule(sched_cfg: Any, peak_lr: float, steps_per_epoch: int,
   cfg = merge_defaults(sched_cfg, default_schedule_config(), 'schedule')
   check_choice(cfg.name, SCHEDULES, 'schedule')
   if steps_per_epoch < 1 or total_steps < 1:
-    raise ValueError(f'steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) must be positive.')
+    raise ConfigError(f'steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) must be positive.')
   to_steps = lambda epochs: int(round(epochs * steps_per_epoch))
   warmup = to_steps(cfg.warmup_epochs)
   if cfg.warmup_epochs < 0 or warmup >= total_steps:
-    raise ValueError(f'warmup_epochs={cfg.warmup_epochs} must be >= 0 and shorter than training '
+    raise ConfigError(f'warmup_epochs={cfg.warmup_epochs} must be >= 0 and shorter than training '
                      f'({total_steps} steps).')
   if cfg.name == 'onecycle':
     if warmup:
-      raise ValueError('The onecycle schedule warms up by pct_start; set warmup_epochs=0.')
+      raise ConfigError('The onecycle schedule warms up by pct_start; set warmup_epochs=0.')
     return _onecycle(cfg, peak_lr, total_steps)
   if cfg.name == 'warmup_cosine' and not warmup:
-    raise ValueError('The warmup_cosine schedule needs warmup_epochs > 0.')
+    raise ConfigError('The warmup_cosine schedule needs warmup_epochs > 0.')
 
   decay_steps = total_steps - warmup
   if cfg.name == 'constant':
@@ -86,14 +70,14 @@ def make_schedule(sched_cfg: Any, peak_lr: float, steps_per_epoch: int,
     if cfg.name == 'step':
       period = to_steps(cfg.step_epochs)
       if period < 1:
-        raise ValueError(f'step_epochs={cfg.step_epochs} must be at least one step long.')
+        raise ConfigError(f'step_epochs={cfg.step_epochs} must be at least one step long.')
       boundaries = list(range(period, total_steps, period))
     else:
       if not cfg.boundaries_epochs:
-        raise ValueError('The piecewise schedule needs boundaries_epochs, e.g. (100, 150).')
+        raise ConfigError('The piecewise schedule needs boundaries_epochs, e.g. (100, 150).')
       boundaries = [to_steps(b) for b in cfg.boundaries_epochs]
       if any(b <= warmup for b in boundaries) or boundaries != sorted(set(boundaries)):
-        raise ValueError(f'boundaries_epochs {tuple(cfg.boundaries_epochs)} must increase and lie '
+        raise ConfigError(f'boundaries_epochs {tuple(cfg.boundaries_epochs)} must increase and lie '
                          f'after the warmup.')
     main = optax.piecewise_constant_schedule(
         peak_lr, {b - warmup: cfg.decay_factor for b in boundaries})
@@ -108,10 +92,10 @@ def _onecycle(cfg: ml_collections.ConfigDict, peak_lr: float, total_steps: int) 
   # cosine_onecycle_schedule one step later), so build it from the same interpolation pieces.
   peak_step, end_step = cfg.pct_start * total_steps - 1, total_steps - 1
   if not 0 < peak_step < end_step:
-    raise ValueError(f'onecycle needs 0 < pct_start*total_steps - 1 < total_steps - 1, got '
+    raise ConfigError(f'onecycle needs 0 < pct_start*total_steps - 1 < total_steps - 1, got '
                      f'pct_start={cfg.pct_start} with {total_steps} steps.')
   if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
-    raise ValueError('onecycle div_factor and final_div_factor must be positive.')
+    raise ConfigError('onecycle div_factor and final_div_factor must be positive.')
   return optax.piecewise_interpolate_schedule(
       'cosine', peak_lr / cfg.div_factor,
       {peak_step: cfg.div_factor, end_step: 1.0 / (cfg.div_factor * cfg.final_div_factor)})

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence, Union
 
+from cnnjax.errors import ShapeError
+
 Size = Union[int, Sequence[int]]
 
 
@@ -31,7 +33,7 @@ def pair(value: Size, name: str = 'value') -> tuple[int, int]:
     return (value, value)
   value = tuple(value)
   if len(value) != 2 or not all(isinstance(v, int) for v in value):
-    raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}.')
+    raise ShapeError(f'{name} must be an int or a pair of ints, got {value!r}.')
   return value
 
 
@@ -71,7 +73,7 @@ def conv_output_size(size: Size, kernel: Size, stride: Size = 1, padding=0, dila
       elif padding.lower() == 'same' and (sh, sw) == (1, 1):
         padding = tuple((t // 2, t - t // 2) for t in (dh * (kh - 1), dw * (kw - 1)))
       else:
-        raise ValueError(f"padding {padding!r} is not 'valid' or 'same' with stride 1.")
+        raise ShapeError(f"padding {padding!r} is not 'valid' or 'same' with stride 1.")
     elif isinstance(padding, int):
       padding = (padding, padding)
     ph, pw = padding
@@ -79,11 +81,11 @@ def conv_output_size(size: Size, kernel: Size, stride: Size = 1, padding=0, dila
             conv_output_size(w, kw, sw, pw, dw, ceil_mode))
   lo, hi = _sides_1d(padding)
   if min(size, kernel, stride, dilation) < 1 or min(lo, hi) < 0:
-    raise ValueError(f'size {size}, kernel {kernel}, stride {stride} and dilation {dilation} must '
+    raise ShapeError(f'size {size}, kernel {kernel}, stride {stride} and dilation {dilation} must '
                      f'be positive and padding {padding} non-negative.')
   span = size + lo + hi - dilation * (kernel - 1) - 1
   if span < 0:
-    raise ValueError(f'input size {size} with padding {(lo, hi)} is smaller than the '
+    raise ShapeError(f'input size {size} with padding {(lo, hi)} is smaller than the '
                      f'{"dilated " if dilation > 1 else ""}kernel {dilation * (kernel - 1) + 1}; '
                      'the output would be empty.')
   if ceil_mode:
@@ -115,7 +117,7 @@ def receptive_fields(layers: Sequence[Sequence[int]]) -> list[ReceptiveField]:
   for layer in layers:
     layer = (layer,) if isinstance(layer, int) else tuple(layer)
     if not 1 <= len(layer) <= 3 or min(layer) < 1:
-      raise ValueError(f'each layer is (kernel[, stride[, dilation]]) of positive ints, '
+      raise ShapeError(f'each layer is (kernel[, stride[, dilation]]) of positive ints, '
                        f'got {layer!r}.')
     kernel, stride, dilation = layer + (1, 1)[len(layer) - 1:]
     size += (kernel - 1) * dilation * jump
@@ -136,7 +138,7 @@ def conv_params(in_channels: int, out_channels: int, kernel: Size, groups: int =
   """Weights ``kh * kw * (in_channels / groups) * out_channels``, plus ``out_channels`` biases."""
   kh, kw = pair(kernel, 'kernel')
   if in_channels % groups or out_channels % groups:
-    raise ValueError(f'in_channels {in_channels} and out_channels {out_channels} must both be '
+    raise ShapeError(f'in_channels {in_channels} and out_channels {out_channels} must both be '
                      f'divisible by groups {groups}.')
   return kh * kw * (in_channels // groups) * out_channels + (out_channels if bias else 0)
 
@@ -149,7 +151,7 @@ def conv_macs(in_channels: int, out_channels: int, kernel: Size, output_size: Si
   kh, kw = pair(kernel, 'kernel')
   oh, ow = pair(output_size, 'output_size')
   if in_channels % groups:
-    raise ValueError(f'in_channels {in_channels} must be divisible by groups {groups}.')
+    raise ShapeError(f'in_channels {in_channels} must be divisible by groups {groups}.')
   return oh * ow * out_channels * kh * kw * (in_channels // groups)
 
 

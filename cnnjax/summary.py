@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import fast_paths, layers, rf_trace
+from cnnjax.errors import ShapeError
 
 LAYER_TYPES = (layers.Conv2d, layers.Linear, layers.MaxPool2d, layers.AvgPool2d,
                layers.GlobalAvgPool, layers.BatchNorm, nn.Dropout)
@@ -120,7 +121,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, variables=None,
   if len(input_shape) == 3:
     input_shape = (1,) + input_shape
   if len(input_shape) != 4:
-    raise ValueError(f'input_shape must be (H, W, C) or (N, H, W, C), got {input_shape}.')
+    raise ShapeError(f'input_shape must be (H, W, C) or (N, H, W, C), got {input_shape}.')
   x = jax.ShapeDtypeStruct(input_shape, dtype)
   key = jax.random.key(0)
   rows: list[Row] = []

@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from cnnjax.errors import CheckpointError
+
 # (module kind, torch leaf) -> (cnnjax collection, cnnjax leaf path, layout conversion);
 # None: the tensor is not used (BatchNorm's counter; cnnjax's momentum is fixed).
 LEAVES = {
@@ -69,10 +71,6 @@ def where_to_get(path: pathlib.Path, model_name: str) -> str:
           f'(e.g. curl -L --create-dirs -o {path} {url}) or point transfer.init_from at your copy')
 
 
-class WeightsFileError(ValueError):
-  """A weights file that cannot be read or does not hold a torchvision state_dict."""
-
-
 def module_path(torch_module: str) -> str:
   """'layer1.0.downsample.0' -> 'layer1_0/downsample_0' (the naming rule of cnnjax.models)."""
   return re.sub(r'\.(\d+)', r'_\1', torch_module).replace('.', '/')
@@ -101,7 +99,7 @@ def nchw_rows_to_nhwc(kernel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   """Reorders the rows of an (in, out) kernel whose input was flattened C,H,W to H,W,C order."""
   h, w = hw
   if kernel.shape[0] % (h * w):
-    raise WeightsFileError(f'a Linear with {kernel.shape[0]} inputs cannot follow a flattened '
+    raise CheckpointError(f'a Linear with {kernel.shape[0]} inputs cannot follow a flattened '
                            f'{h}x{w} feature map.')
   c = kernel.shape[0] // (h * w)
   return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
@@ -121,7 +119,7 @@ def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 't
     module, _, leaf = key.rpartition('.')
     kind = kinds.get(module, 'unknown')
     if (kind, leaf) not in LEAVES:
-      raise WeightsFileError(f"{source}: tensor '{key}' of shape {tuple(value.shape)} is not "
+      raise CheckpointError(f"{source}: tensor '{key}' of shape {tuple(value.shape)} is not "
                              f"a Conv2d, Linear or BatchNorm parameter cnnjax can map.")
     rule = LEAVES[(kind, leaf)]
     if rule is None:
@@ -144,25 +142,25 @@ def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
       from safetensors.numpy import load_file
     except ImportError:
-      raise WeightsFileError(f'reading {path} needs the safetensors package '
+      raise CheckpointError(f'reading {path} needs the safetensors package '
                              f'(pip install safetensors).') from None
     try:
       return dict(load_file(str(path)))
     except Exception as e:  # pylint: disable=broad-except
-      raise WeightsFileError(f'{path} is not a readable safetensors file ({e}).') from None
+      raise CheckpointError(f'{path} is not a readable safetensors file ({e}).') from None
   if suffix in ('.pth', '.pt'):
     try:
       import torch
     except ImportError:
-      raise WeightsFileError(f'reading {path} needs PyTorch (pip install torch), or convert it to '
+      raise CheckpointError(f'reading {path} needs PyTorch (pip install torch), or convert it to '
                              f'.safetensors (safetensors.torch.save_file) elsewhere.') from None
     try:
       loaded = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise WeightsFileError(f'{path} is not a PyTorch weights file that loads with '
+      raise CheckpointError(f'{path} is not a PyTorch weights file that loads with '
                              f'weights_only=True ({str(e).splitlines()[0][:200]}).') from None
     return _tensors_of(loaded, path, torch)
-  raise WeightsFileError(f'{path} is not a weights file cnnjax reads: expected '
+  raise CheckpointError(f'{path} is not a weights file cnnjax reads: expected '
                          f'{", ".join(SUFFIXES)} or a cnnjax checkpoint directory.')
 
 
@@ -175,7 +173,7 @@ def _tensors_of(loaded, path: pathlib.Path, torch) -> dict[str, np.ndarray]:
         break
   if not isinstance(loaded, dict) or not loaded or not all(
       isinstance(v, torch.Tensor) for v in loaded.values()):
-    raise WeightsFileError(f'{path} does not hold a state_dict (a dict of tensor names to tensors).')
+    raise CheckpointError(f'{path} does not hold a state_dict (a dict of tensor names to tensors).')
   out = {}
   for key, tensor in loaded.items():
     key = key.removeprefix('module.')  # saved from DataParallel

@@ -54,11 +54,8 @@ def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
   if path.is_dir():
     variables, step_dir = checkpoint.load_variables(path)
     return flatten_variables(variables), f'checkpoint {step_dir}'
-  try:
-    state_dict = torchvision_weights.read_state_dict(path)
-    return torchvision_weights.convert(state_dict, model_name, str(path)), f'weights file {path}'
-  except torchvision_weights.WeightsFileError as e:
-    raise CheckpointError(str(e)) from None
+  state_dict = torchvision_weights.read_state_dict(path)
+  return torchvision_weights.convert(state_dict, model_name, str(path)), f'weights file {path}'
 
 
 def _compile(pattern: str) -> re.Pattern:

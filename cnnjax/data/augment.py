@@ -15,6 +15,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from cnnjax.errors import ConfigError
+
 PAD_MODES = ('constant', 'reflect')
 
 
@@ -41,14 +43,14 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int,
     {0, ..., 2 * padding} in each axis, independently per image.
   """
   if mode not in PAD_MODES:
-    raise ValueError(f'Unknown padding mode {mode!r}; use one of {PAD_MODES}.')
+    raise ConfigError(f'Unknown padding mode {mode!r}; use one of {PAD_MODES}.')
   if not isinstance(padding, int) or padding < 0:
-    raise ValueError(f'Crop padding must be a non-negative int, got {padding!r}.')
+    raise ConfigError(f'Crop padding must be a non-negative int, got {padding!r}.')
   if padding == 0:
     return images
   n, h, w, c = images.shape
   if mode == 'reflect' and (padding >= h or padding >= w):
-    raise ValueError(f'Reflect padding {padding} needs images larger than it, got {h}x{w}.')
+    raise ConfigError(f'Reflect padding {padding} needs images larger than it, got {h}x{w}.')
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
   offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
 

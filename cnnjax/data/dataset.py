@@ -11,9 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cnnjax.errors import DataError  # noqa: F401  (re-exported: raised here)
 
-class DataError(ValueError):
-  """A data problem the user can fix (missing data, bad file, bad name); one clear sentence."""
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...],

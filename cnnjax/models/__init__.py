@@ -30,6 +30,7 @@ from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mobilenet import MobileNetV2
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
                                   ResNet152, SmallResNet)
+from cnnjax.errors import ConfigError
 from cnnjax.models.simple import ConvNet, MnistCNN, TutorialNet
 from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
                                VGG19BN)
@@ -81,7 +82,7 @@ def model_options(name: str) -> list[str]:
 
 def _lookup(name: str) -> Any:
   if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODELS)}.')
+    raise ConfigError(f'Unknown model {name!r}; valid names: {", ".join(MODELS)}.')
   return MODELS[name]
 
 
@@ -92,7 +93,7 @@ def get_model(name: str, num_classes: int | None = None, in_channels: int | None
   options = model_options(name)
   for key in kwargs:
     if key not in options:
-      raise ValueError(f'Model {name!r} has no option {key!r}; valid options: '
+      raise ConfigError(f'Model {name!r} has no option {key!r}; valid options: '
                        f'{", ".join(options)}.')
   if num_classes is not None:
     kwargs['num_classes'] = num_classes
@@ -135,7 +136,7 @@ def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> j
   if path not in names:
     parent = _parent(path) if _parent(path) in names else ''
     options = [n for n in names if _parent(n) == parent]
-    raise ValueError(f'{type(model).__name__} has no layer {layer!r}; valid layers'
+    raise ConfigError(f'{type(model).__name__} has no layer {layer!r}; valid layers'
                      f'{" under " + repr(parent) if parent else ""}: {", ".join(options)}.')
   target = tuple(path.split('/'))
   _, state = model.apply(variables, x, mutable=['intermediates'],

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.errors import ConfigError
 from cnnjax.layers import BatchNorm, Conv2d, Linear, MaxPool2d, torch_uniform_init
 from cnnjax.models.common import check_model_input
 
@@ -136,7 +137,7 @@ class Airbench94(nn.Module):
     path = 'whiten/conv/kernel'
     kernel = whitening_kernel(x, self.whiten_kernel_size)
     if kernel.shape != flat[path].shape:
-      raise ValueError(f'airbench94: the whitening kernel from the data has shape {kernel.shape}, '
+      raise ConfigError(f'airbench94: the whitening kernel from the data has shape {kernel.shape}, '
                        f'the model expects {tuple(flat[path].shape)}.')
     flat[path] = jnp.asarray(kernel, flat[path].dtype)
     return {**variables, 'params': flax.traverse_util.unflatten_dict(flat, sep='/')}

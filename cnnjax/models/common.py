@@ -19,6 +19,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from cnnjax.errors import ShapeError
+
 # torchvision's ``kaiming_normal_(w, mode='fan_out', nonlinearity='relu')`` (an untruncated
 # normal). Flax's fan_out of an HWIO kernel is kh * kw * out, the same as torch's for OIHW.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -28,6 +30,6 @@ zeros = nn.initializers.zeros
 def check_model_input(x: jax.Array, model: str, in_channels: int) -> None:
   """Raises a ValueError unless ``x`` is an NHWC batch with ``in_channels`` channels."""
   if x.ndim != 4 or x.shape[-1] != in_channels:
-    raise ValueError(f'{model} expects input of shape (N, H, W, {in_channels}), '
+    raise ShapeError(f'{model} expects input of shape (N, H, W, {in_channels}), '
                      f'got {tuple(x.shape)}.')
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.blocks import BasicConv2d, Inception
+from cnnjax.errors import ConfigError
 from cnnjax.layers import BatchNorm, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d
 from cnnjax.models.common import check_model_input
 
@@ -50,7 +51,7 @@ class GoogLeNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_model_input(x, 'GoogLeNet', self.in_channels)
     if self.transform_input and self.in_channels != 3:
-      raise ValueError(f'GoogLeNet transform_input needs 3 input channels, got {self.in_channels}.')
+      raise ConfigError(f'GoogLeNet transform_input needs 3 input channels, got {self.in_channels}.')
     if self.transform_input:  # ImageNet normalization -> the (x - 0.5) / 0.5 the weights saw.
       x = x * jnp.array([0.229, 0.224, 0.225]) / 0.5 + (jnp.array([0.485, 0.456, 0.406]) - 0.5) / 0.5
     init = nn.initializers.normal(0.01)

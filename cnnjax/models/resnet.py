@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.blocks import BasicBlock, Bottleneck
+from cnnjax.errors import ConfigError
 from cnnjax.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d
 from cnnjax.models.common import check_model_input, kaiming_normal_fan_out
 
@@ -42,7 +43,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_model_input(x, 'ResNet', self.in_channels)
     if self.stem not in ('imagenet', 'cifar'):
-      raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+      raise ConfigError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
     conv = partial(Conv2d, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out)
     norm = partial(BatchNorm, dtype=self.dtype, axis_name=self.bn_axis_name)
     if self.stem == 'imagenet':
