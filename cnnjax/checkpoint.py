@@ -28,7 +28,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from cnnjax import optim
+from cnnjax import paths
 from cnnjax.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 
 _FORMAT = 1  # bump when the layout of `state` or `meta` changes
@@ -51,7 +51,7 @@ def state_tree(state) -> dict:
           'opt_state': state.opt_state, 'rng': rng}
 
 
-path_str = optim.param_path  # 'params/layer1_0/conv1/conv/kernel' for a jax key path
+path_str = paths.param_path  # 'params/layer1_0/conv1/kernel' for a jax key path
 
 
 def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:

@@ -1,16 +1,10 @@
-"""Optimizers, weight-decay masks and freezing, all built from config (schedules: `cnnjax.schedules`).
+"""Optimizers and weight-decay masks, built from config (schedules: `cnnjax.schedules`).
 
 Everything here is assembled from Optax pieces; the config (``ml_collections.ConfigDict``) is the
 only input. ``make_optimizer`` returns an ``optax.GradientTransformation`` plus the schedule (for
 logging); schedules are stepped once per optimizer step, epoch-valued fields are converted with
-``steps_per_epoch`` (rounded to whole steps) and count from the start of training.
-
-Parameter paths and patterns
-  A parameter's path joins its keys in the ``params`` collection with '/', e.g.
-  ``layer1_0/conv1/conv/kernel``, ``layer1_0/bn1/scale``, ``fc/dense/bias``. A pattern is a
-  regular expression that must match a whole path or a whole prefix of it ending at a '/': 'fc'
-  selects every parameter under module ``fc``, 'layer[12]_.*' everything in layer1 and layer2,
-  '.*/kernel' every kernel. A pattern that matches no parameter is an error (it is a typo).
+``steps_per_epoch`` (rounded to whole steps) and count from the start of training. Parameters are
+named by paths and patterns (`cnnjax.paths`), e.g. ``layer1_0/bn1/scale`` or 'fc'.
 
 Weight decay (``weight_decay_mode``)
   'coupled' adds ``weight_decay * param`` to the gradient before momentum/Adam, exactly like
@@ -22,37 +16,26 @@ Weight decay (``weight_decay_mode``)
   (case-insensitive: bn1, downsample_bn, BatchNorm_0, LayerNorm_0).
 
 Fine-tuning
-  ``frozen`` patterns (or ``trainable`` patterns: everything else is frozen) get exactly zero
-  updates and no optimizer state (``optax.partition`` routes them to ``optax.set_to_zero``). The
-  train step should also stop their gradients, using ``frozen_mask`` / ``untrained_mask``, so no
-  gradient is computed for them. ``lr_multipliers`` ('pattern=factor', first match wins) scale the
-  final update of matching parameters: the discriminative learning rates of torch param groups.
-
-Gradual unfreezing (``unfreeze_after_epochs`` > 0)
-  The parameters selected by ``frozen``/``trainable`` get no updates for that many epochs; after
-  that they train too, and every learning rate is multiplied by ``unfrozen_lr_factor``. A pure
-  jitted train step cannot change the optimizer state's structure, so the design keeps everything
-  in one transformation: the late group runs its own copy of the optimizer inside
-  ``optax.conditionally_mask``, whose inner state (momentum, Adam moments and count) stays at its
-  initial value and whose updates are zero until the step count reaches the boundary. Its
-  optimizer thus starts fresh at unfreezing, like a torch param group added at that moment, and its
-  schedule is shifted so it sees the same learning rate as the rest. During the frozen phase the
-  late group's gradients are computed (the same compiled step serves both phases) unless the loop
-  recompiles at step ``unfreeze_step(opt_cfg, steps_per_epoch)`` with
-  ``untrained_mask(opt_cfg, params, step, steps_per_epoch)``; the optimizer state is the same in
-  both phases, so that is safe. Global-norm clipping sees only the parameters that
-  are being trained at that step.
+  ``frozen`` / ``trainable`` / ``unfreeze_after_epochs`` select what trains when; `cnnjax.freezing`
+  is their one home, and the optimizer follows its labels: 'frozen' parameters get exactly zero
+  updates and no optimizer state (``optax.set_to_zero``), 'late' ones run their own copy of the
+  optimizer inside ``optax.conditionally_mask`` until the boundary, after which every learning
+  rate is multiplied by ``unfrozen_lr_factor`` (the late group's schedule is shifted so it sees the
+  same rate as the rest). Global-norm clipping sees only the parameters being trained at that
+  step. ``lr_multipliers`` ('pattern=factor', first match wins) scale the final update of matching
+  parameters: the discriminative learning rates of torch param groups.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cnnjax import freezing, paths
 from cnnjax.config import check_choice, merge_defaults
 from cnnjax.errors import ConfigError
 from cnnjax.schedules import make_schedule
@@ -83,56 +66,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter paths and masks
-
-
-def param_path(keypath: Iterable[Any]) -> str:
-  """'layer1_0/conv1/conv/kernel' for a key path from ``jax.tree_util.tree_flatten_with_path``."""
-  parts = []
-  for key in keypath:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-def _paths(params: Any) -> list[str]:
-  return [param_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _map_paths(fn, params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda kp, _: fn(param_path(kp)), params)
-
-
-def _compile(pattern: str) -> re.Pattern:
-  try:
-    return re.compile(f'(?:{pattern})(?:/.*)?')
-  except re.error as e:
-    raise ConfigError(f'Parameter pattern {pattern!r} is not a valid regular expression ({e}).') from None
-
-
-def _patterns(value: Any) -> tuple[str, ...]:
-  return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _matcher(params: Any, patterns: Iterable[str], what: str):
-  """A path -> bool function; raises if a pattern matches no parameter path."""
-  compiled = [_compile(p) for p in patterns]
-  paths = _paths(params)
-  for pattern, rx in zip(patterns, compiled):
-    if not any(rx.fullmatch(path) for path in paths):
-      raise ConfigError(f'{what} pattern {pattern!r} matches no parameter (e.g. {paths[0]!r}).'
-                       if paths else f'{what} pattern {pattern!r} matches no parameter.')
-  return lambda path: any(rx.fullmatch(path) for rx in compiled)
-
-
-def frozen_mask(params: Any, patterns: Iterable[str]) -> Any:
-  """A pytree of bools like ``params``: True where the path matches one of ``patterns``."""
-  match = _matcher(params, _patterns(patterns), 'Frozen')
-  return _map_paths(match, params)
+# Masks
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -141,43 +75,13 @@ def weight_decay_mask(params: Any) -> Any:
   def decays(path: str) -> bool:
     *modules, leaf = path.split('/')
     return leaf not in ('bias', 'scale') and not any(_NORM_MODULE.search(m) for m in modules)
-  return _map_paths(decays, params)
-
-
-def _labels(cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """'train', 'frozen' (never updated) or 'late' (frozen until unfreeze_after_epochs) per leaf."""
-  frozen = _matcher(params, _patterns(cfg.frozen), 'Frozen')
-  trainable = _matcher(params, _patterns(cfg.trainable), 'Trainable')
-  has_trainable = bool(_patterns(cfg.trainable))
-  held = 'late' if cfg.unfreeze_after_epochs > 0 else 'frozen'
-
-  def label(path: str) -> str:
-    return held if frozen(path) or (has_trainable and not trainable(path)) else 'train'
-  return _map_paths(label, params)
-
-
-def unfreeze_step(opt_cfg: Any, steps_per_epoch: int) -> int | None:
-  """The optimizer step at which gradual unfreezing happens (None when it is off)."""
-  cfg = merge_defaults(opt_cfg, default_optimizer_config(), 'optimizer')
-  if cfg.unfreeze_after_epochs <= 0:
-    return None
-  return int(round(cfg.unfreeze_after_epochs * steps_per_epoch))
-
-
-def untrained_mask(opt_cfg: Any, params: Any, step: int | None = None,
-                   steps_per_epoch: int | None = None) -> Any:
-  """True for parameters that get no update at optimizer ``step`` (None: the first step);
-  the train step can ``jax.lax.stop_gradient`` them so their gradients are never computed."""
-  cfg = merge_defaults(opt_cfg, default_optimizer_config(), 'optimizer')
-  boundary = None if step is None else unfreeze_step(cfg, steps_per_epoch)
-  unfrozen = boundary is not None and step >= boundary
-  return jax.tree.map(lambda l: l == 'frozen' or (l == 'late' and not unfrozen), _labels(cfg, params))
+  return paths.map_paths(decays, params)
 
 
 def _lr_factors(cfg: ml_collections.ConfigDict, params: Any) -> Any | None:
   """Per-leaf learning-rate factor strings from 'pattern=factor' entries (first match wins)."""
   rules = []
-  for entry in _patterns(cfg.lr_multipliers):
+  for entry in paths.as_patterns(cfg.lr_multipliers):
     pattern, sep, factor = str(entry).rpartition('=')
     try:
       value = float(factor)
@@ -185,10 +89,10 @@ def _lr_factors(cfg: ml_collections.ConfigDict, params: Any) -> Any | None:
       value = -1.0
     if not sep or not pattern or value < 0:
       raise ConfigError(f"lr_multipliers entry {entry!r} must look like 'pattern=factor' with factor >= 0.")
-    rules.append((_matcher(params, [pattern], 'lr_multipliers'), value))
+    rules.append((paths.matcher(paths.tree_paths(params), [pattern], 'lr_multipliers'), value))
   if not rules:
     return None
-  return _map_paths(lambda p: repr(next((v for m, v in rules if m(p)), 1.0)), params)
+  return paths.map_paths(lambda p: repr(next((v for m, v in rules if m(p)), 1.0)), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +145,7 @@ def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_ste
   cfg = merge_defaults(opt_cfg, default_optimizer_config(), 'optimizer')
   _check_numbers(cfg)
   base = make_schedule(sched_cfg, cfg.lr, steps_per_epoch, total_steps)
-  labels = lambda tree: _labels(cfg, tree)
+  labels = lambda tree: freezing.labels(cfg, tree)
   present = set(jax.tree.leaves(labels(params)))
   factors = _lr_factors(cfg, params)  # validates lr_multipliers now
   if present == {'frozen'}:
@@ -251,7 +155,7 @@ def make_optimizer(opt_cfg: Any, sched_cfg: Any, steps_per_epoch: int, total_ste
   if 'frozen' in present:
     transforms['frozen'] = gates['frozen'] = optax.set_to_zero()
   if cfg.unfreeze_after_epochs > 0:
-    boundary = unfreeze_step(cfg, steps_per_epoch)
+    boundary = freezing.unfreeze_step(cfg, steps_per_epoch)
     if 'late' not in present:
       raise ConfigError('unfreeze_after_epochs needs frozen or trainable patterns to unfreeze.')
     if not 0 < boundary < total_steps:

@@ -14,13 +14,13 @@ import signal
 import sys
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, data, models, optim, parallel, recorder, train, transfer, viz
+from cnnjax import (checkpoint, data, freezing, models, optim, parallel, recorder, train,
+                    transfer, viz)
 from cnnjax.errors import ConfigError
 from cnnjax.errors import TrainingError  # noqa: F401  (re-exported: raised here)
 
@@ -73,14 +73,6 @@ def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: 
   count = float(totals['count'])
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
           'top5_accuracy': float(totals['correct5']) / count, 'count': count}
-
-
-def untrained_paths(config, params, step: int, steps_per_epoch: int) -> tuple[str, ...]:
-  """'a/b/kernel' paths of the parameters that get no update at `step`: the train step computes
-  no gradient for them (frozen, outside `trainable`, or not yet unfrozen)."""
-  mask = optim.untrained_mask(config.optimizer, params, step, steps_per_epoch)
-  flat = flax.traverse_util.flatten_dict(mask, sep='/')
-  return tuple(sorted(path for path, untrained in flat.items() if untrained))
 
 
 def _process_slice(global_batch: int) -> tuple[int, int]:
@@ -157,9 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   state = ckpts.restore_latest(state)
   state = strategy.put_state(state)
   start_step = int(state.step)
-  unfreeze_at = optim.unfreeze_step(config.optimizer, steps_per_epoch)
-  recipe = make_recipe(config, dataset, untrained_paths(config, variables['params'], start_step,
-                                                        steps_per_epoch), strategy.axis_name)
+  unfreeze_at = freezing.unfreeze_step(config.optimizer, steps_per_epoch)
+  recipe = make_recipe(config, dataset, freezing.untrained_paths(
+      config.optimizer, variables['params'], start_step, steps_per_epoch), strategy.axis_name)
   records = recorder.Recorder(workdir, enabled=primary)
   if primary and start_step:
     print(f'resumed from step {start_step} in {workdir}')
@@ -173,8 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   with _Preemption() as preemption:
     for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps):
       if step_index == unfreeze_at:  # gradual unfreezing: the step now differentiates everything
-        recipe = make_recipe(config, dataset, untrained_paths(
-            config, variables['params'], step_index, steps_per_epoch), strategy.axis_name)
+        recipe = make_recipe(config, dataset, freezing.untrained_paths(
+            config.optimizer, variables['params'], step_index, steps_per_epoch), strategy.axis_name)
       local = {k: v[lo:hi] for k, v in batch.items()}
       state, metrics = strategy.train_step(state, strategy.put_batch(local), recipe)
       pending.append(metrics)

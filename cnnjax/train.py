@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax import runtime
+from cnnjax import freezing, runtime
 from cnnjax.data import augment
 
 Batch = dict  # {'image': uint8 (N, H, W, C), 'label': int32 (N,), optional 'mask': bool (N,)}
@@ -48,7 +48,7 @@ class StepRecipe:
   flip: bool = False
   label_smoothing: float = 0.0
   eval_flip_tta: bool = False       # evaluate on the mean logits of each image and its mirror
-  frozen: tuple[str, ...] = ()      # param paths with no gradient (see optim.frozen_mask)
+  frozen: tuple[str, ...] = ()      # param paths with no gradient (freezing.untrained_paths)
   axis_name: str | None = None      # set under pmap
 
 
@@ -86,14 +86,6 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _split_frozen(params, frozen: tuple[str, ...]):
-  """(trainable, frozen) flat dicts keyed by 'a/b/c' paths."""
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
-  trainable = {k: v for k, v in flat.items() if k not in frozen}
-  fixed = {k: v for k, v in flat.items() if k in frozen}
-  return trainable, fixed
-
-
 def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[TrainState, dict]:
   aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   if recipe.axis_name is not None:  # different augmentation on every device under pmap
@@ -103,10 +95,10 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
                          pad_mode=recipe.pad_mode, flip=recipe.flip)
   images = augment.normalize(images, recipe.mean, recipe.std)
   labels = batch['label']
-  trainable, fixed = _split_frozen(state.params, recipe.frozen)
+  trainable, fixed = freezing.split(state.params, recipe.frozen)
 
   def loss_fn(trainable):
-    params = flax.traverse_util.unflatten_dict({**trainable, **fixed}, sep='/')
+    params = freezing.merge(trainable, fixed)
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
@@ -115,8 +107,7 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  grads = flax.traverse_util.unflatten_dict(
-      {**grads, **jax.tree.map(jnp.zeros_like, fixed)}, sep='/')
+  grads = freezing.merge(grads, jax.tree.map(jnp.zeros_like, fixed))
   metrics = {'loss': loss,
              'accuracy': topk_correct(logits, labels, 1).mean(),
              'top5_accuracy': topk_correct(logits, labels, 5).mean()}

@@ -19,7 +19,6 @@ else is refused with a CheckpointError listing the paths.
 from __future__ import annotations
 
 import pathlib
-import re
 from typing import Iterable
 
 import flax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, torchvision_weights
+from cnnjax import checkpoint, paths, torchvision_weights
 from cnnjax.checkpoint import CheckpointError
 
 Flat = dict[tuple[str, str], np.ndarray]  # {(collection, 'a/b/kernel'): array}
@@ -58,14 +57,6 @@ def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
   return torchvision_weights.convert(state_dict, model_name, str(path)), f'weights file {path}'
 
 
-def _compile(pattern: str) -> re.Pattern:
-  try:
-    return re.compile(f'(?:{pattern})(?:/.*)?')
-  except re.error as e:
-    raise CheckpointError(f'transfer.exclude pattern {pattern!r} is not a valid regular '
-                          f'expression ({e}).') from None
-
-
 def check_fits(target: dict, source: dict, exclude: Iterable[str] = (), what: str = 'the source',
                model_name: str = 'the model') -> list[str]:
   """Raises CheckpointError unless `source` covers `target` exactly outside `exclude`.
@@ -73,16 +64,11 @@ def check_fits(target: dict, source: dict, exclude: Iterable[str] = (), what: st
   Both map (collection, path) to anything with a `.shape`. Returns the sorted paths that stay
   freshly initialized (the model's excluded variables).
   """
-  exclude = tuple(exclude)
-  patterns = [_compile(p) for p in exclude]
-  for pattern, rx in zip(exclude, patterns):
-    if not any(rx.fullmatch(path) for _, path in [*target, *source]):
-      example = f' (e.g. {next(iter(target))[1]!r})' if target else ''
-      raise CheckpointError(f'transfer.exclude pattern {pattern!r} matches no variable of '
-                            f'{model_name} or {what}{example}.')
+  # A pattern that matches nothing on either side is a typo: an error.
+  matches = paths.matcher([path for _, path in [*target, *source]], exclude, 'transfer.exclude')
 
   def excluded(key):
-    return any(rx.fullmatch(key[1]) for rx in patterns)
+    return matches(key[1])
   wanted = {_name(k): tuple(v.shape) for k, v in target.items() if not excluded(k)}
   given = {_name(k): tuple(v.shape) for k, v in source.items() if not excluded(k)}
   mismatch = checkpoint.describe_mismatch(given, wanted)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import layers, optim, schedules
+from cnnjax import freezing, layers, optim, paths, schedules
 
 SPE, EPOCHS, PEAK = 7, 10, 0.1   # steps per epoch, epochs, peak learning rate
 TOTAL = SPE * EPOCHS
@@ -200,7 +200,7 @@ def net_params():
 
 
 def flat(tree):
-  return {optim.param_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {paths.param_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_paths_and_weight_decay_mask(net_params):
@@ -212,8 +212,8 @@ def test_paths_and_weight_decay_mask(net_params):
       'layer1_0/downsample_bn/scale': False}
   assert flat(optim.weight_decay_mask({'LayerNorm_0': {'gamma': 1.0}, 'norm': {'w': 1.0}})) == {
       'LayerNorm_0/gamma': False, 'norm/w': False}
-  assert optim.param_path(jax.tree_util.tree_flatten_with_path([{'a': (1, 2)}])[0][1][0]) == '0/a/1'
-  assert flat(optim.frozen_mask(net_params, ['layer1_0', '.*/kernel'])) == {
+  assert paths.param_path(jax.tree_util.tree_flatten_with_path([{'a': (1, 2)}])[0][1][0]) == '0/a/1'
+  assert flat(paths.pattern_mask(net_params, ['layer1_0', '.*/kernel'])) == {
       k: k.startswith('layer1_0/') or k.endswith('/kernel') for k in flat(net_params)}
 
 
@@ -255,8 +255,8 @@ def test_frozen_get_no_updates_and_no_state(net_params):
     # Adam moments exist only for fc's kernel and bias: 2 x 2 arrays plus scalar counters.
     moments = [x for x in jax.tree.leaves(state) if x.ndim > 0]
     assert len(moments) == 4
-  mask = optim.untrained_mask(dict(trainable=['fc']), net_params)
-  assert [k for k, v in flat(mask).items() if not v] == ['fc/dense/bias', 'fc/dense/kernel']
+  untrained = freezing.untrained_paths(dict(trainable=['fc']), net_params)
+  assert sorted(set(flat(net_params)) - set(untrained)) == ['fc/dense/bias', 'fc/dense/kernel']
 
 
 def test_gradual_unfreezing_starts_fresh_at_lower_rate(net_params):
@@ -278,9 +278,9 @@ def test_gradual_unfreezing_starts_fresh_at_lower_rate(net_params):
   # the head keeps its momentum and drops to the lower rate too: 0.02 * 0.5 * (1 + .9 + .9^2 + .9^3)
   np.testing.assert_allclose(deltas[3]['fc/dense/kernel'], -0.02 * 0.5 * 3.439, rtol=1e-5)
   assert float(schedule(2)) == pytest.approx(0.2) and float(schedule(3)) == pytest.approx(0.02)
-  assert optim.unfreeze_step(cfg, 2) == 3 and optim.unfreeze_step({}, 2) is None
-  masks = [flat(optim.untrained_mask(cfg, net_params, t, 2)) for t in (None, 2, 3)]
-  assert masks[0] == masks[1] and masks[0]['conv1/conv/kernel'] and not any(masks[2].values())
+  assert freezing.unfreeze_step(cfg, 2) == 3 and freezing.unfreeze_step({}, 2) is None
+  untrained = [freezing.untrained_paths(cfg, net_params, t, 2) for t in (0, 2, 3)]
+  assert untrained[0] == untrained[1] and 'conv1/conv/kernel' in untrained[0] and not untrained[2]
 
 
 def test_lr_multipliers(net_params):
@@ -298,9 +298,9 @@ def test_lr_multipliers(net_params):
 @pytest.mark.parametrize('opt,sched,match', [
     (dict(name='lamb'), None, r"Unknown optimizer 'lamb'; valid names: sgd, adam, adamw"),
     (None, dict(name='cosin'), r"Unknown schedule 'cosin'; valid names: constant, step"),
-    (dict(frozen=('layer9',)), None, r"Frozen pattern 'layer9' matches no parameter"),
+    (dict(frozen=('layer9',)), None, r"optimizer.frozen pattern 'layer9' matches no parameter"),
     (dict(frozen=('.*',)), None, r'freeze every parameter'),
-    (dict(trainable=('head',)), None, r"Trainable pattern 'head' matches no parameter"),
+    (dict(trainable=('head',)), None, r"optimizer.trainable pattern 'head' matches no parameter"),
     (dict(lr_multipliers=('fc',)), None, r"lr_multipliers entry 'fc' must look like"),
     (dict(lr_multipliers=('body=0.1',)), None, r"lr_multipliers pattern 'body' matches no"),
     (dict(frozen=('fc[',)), None, r"'fc\[' is not a valid regular expression"),
