@@ -131,12 +131,44 @@ def load_experiment(name: str, overrides: Iterable[str] = ()) -> ml_collections.
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  parsed = []
   for item in overrides:
     item = item.removeprefix('--').removeprefix('config.')
     if '=' not in item:
       raise ConfigError(f"config override '{item}' must look like --config.key=value.")
-    key, text = item.split('=', 1)
-    set_value(config, key, text)
+    parsed.append(item.split('=', 1))
+  # Model options last: they are checked against the model, which an override may choose.
+  for key, text in sorted(parsed, key=lambda kv: kv[0].startswith(MODEL_KWARGS)):
+    if key.startswith(MODEL_KWARGS):
+      set_model_option(config, key, text)
+    else:
+      set_value(config, key, text)
+
+
+MODEL_KWARGS = 'model.kwargs.'
+SET_BY_THE_RUN = ('num_classes', 'in_channels', 'dtype', 'bn_axis_name')  # from data/config
+
+
+def set_model_option(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets `model.kwargs.<option>` for an option the chosen model accepts, parsed as the type of
+  its default (or of the value the experiment file set)."""
+  from cnnjax import models  # late import: it pulls in JAX
+  option = key.removeprefix(MODEL_KWARGS)
+  name = config.model.name
+  defaults = {k: v for k, v in models.model_options(name).items() if k not in SET_BY_THE_RUN}
+  if option not in defaults:
+    why = ' (it comes from the data and model.dtype)' if option in SET_BY_THE_RUN else ''
+    raise ConfigError(f"model '{name}' has no option '{option}' to set as {key}{why}; its "
+                      f"options: {', '.join(sorted(defaults)) or 'none'}.")
+  current = config.model.kwargs.get(option, defaults[option])
+  if isinstance(current, (bool, int, float, str, tuple, list)):
+    value = _parse(key, text, current)
+  else:  # no default, None, or a class: any Python literal
+    value = _literal(text)
+  try:
+    config.model.kwargs[option] = value
+  except TypeError:
+    raise ConfigError(f"config key '{key}' expects a {type(current).__name__}, got '{text}'.") from None
 
 
 def set_value(config: ml_collections.ConfigDict, key: str, text: str) -> None:

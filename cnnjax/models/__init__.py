@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
+from cnnjax.errors import ConfigError
 from cnnjax.models.airbench import Airbench94
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.efficientnet import EfficientNet, EfficientNetB0
@@ -30,7 +31,6 @@ from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mobilenet import MobileNetV2
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
                                   ResNet152, SmallResNet)
-from cnnjax.errors import ConfigError
 from cnnjax.models.simple import ConvNet, MnistCNN, TutorialNet
 from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
                                VGG19BN)
@@ -74,10 +74,21 @@ def _model_class(constructor: Any) -> type[nn.Module]:
   return constructor
 
 
-def model_options(name: str) -> list[str]:
-  """The keyword arguments model ``name`` accepts (its dataclass fields)."""
-  cls = _model_class(_lookup(name))
-  return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')]
+def model_options(name: str) -> dict[str, Any]:
+  """The keyword arguments model ``name`` accepts (its dataclass fields), with their defaults
+  (``dataclasses.MISSING`` where there is none); a variant's own settings override the class's."""
+  constructor = _lookup(name)
+  options = {f.name: f.default if f.default is not dataclasses.MISSING else (
+      f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+             for f in dataclasses.fields(_model_class(constructor))
+             if f.init and f.name not in ('parent', 'name')}
+  partials = []
+  while isinstance(constructor, functools.partial):
+    partials.append(constructor.keywords)
+    constructor = constructor.func
+  for keywords in reversed(partials):  # the outermost partial has the last word
+    options.update({k: v for k, v in keywords.items() if k in options})
+  return options
 
 
 def _lookup(name: str) -> Any:
