@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -98,26 +97,6 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, padding, s: int) -> jax
   y = jax.lax.conv_general_dilated(_space_to_depth(x, s), _block_kernel(kernel, s), (1, 1),
                                    'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return _depth_to_space(y, s)[:, :ho, :wo]
-
-
-class BlockConv(nn.Module):
-  """nn.Conv's parameters ('kernel' HWIO, 'bias') computed by `conv_space_to_depth`."""
-  features: int
-  kernel_size: tuple[int, int]
-  padding: Any
-  block: int
-  use_bias: bool
-  dtype: Any
-  kernel_init: Any
-  bias_init: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_space_to_depth(x, kernel, self.padding, self.block)
-    return y if bias is None else y + bias
 
 
 def tiled(x: jax.Array, kernel_size, stride, padding) -> jax.Array | None:

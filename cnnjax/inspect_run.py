@@ -88,7 +88,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, la
       maps, out_dir / f'activations_{safe}.png', image=image[0],
       title=f'{layer} of test image {image_index} (class {name}), step {step_dir.name}')}
   kernel_path, kernel = first_conv_kernel(variables['params'])
-  conv_name = re.sub(r'(/conv)?/kernel$', '', kernel_path)
+  conv_name = re.sub(r'/kernel$', '', kernel_path)
   paths['filters'] = viz.plot_filters(kernel, out_dir / 'filters.png', title=f'{conv_name} filters')
   predictions = predict(model, variables, dataset.x_test, dataset.y_test, dataset.mean,
                         dataset.std, config.train.eval_batch_size)

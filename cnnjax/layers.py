@@ -1,8 +1,10 @@
 """The layers every CNN is made of: convolution, pooling, batch norm, dropout, linear.
 
 All layers take NHWC inputs and are pure Flax Linen modules: their state lives only in the
-`params` and `batch_stats` collections. They follow PyTorch's semantics exactly so that
-torchvision weights port by transposition alone:
+`params` and `batch_stats` collections, declared by the layer itself, so a layer named ``conv1``
+holds ``conv1/kernel`` and ``conv1/bias`` (Conv2d, Linear) or ``conv1/scale``, ``conv1/bias`` and
+the batch_stats ``conv1/mean``, ``conv1/var`` (BatchNorm). They follow PyTorch's semantics exactly
+so that torchvision weights port by transposition alone:
 
 * integer padding is symmetric (PyTorch pads ``p`` on every side; Flax's 'SAME' with stride 2
   would pad (0, 1) instead, which shifts every window by one pixel);
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import ShapeError
-from cnnjax.fast_paths import BlockConv, space_to_depth_block, tiled
+from cnnjax.fast_paths import conv_space_to_depth, space_to_depth_block, tiled
 from cnnjax.shapes import pair  # (v, v) for an int, like torch's _pair
 
 Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
@@ -90,6 +92,10 @@ def torch_uniform_init(fan_in: int):
   return init
 
 
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+  return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 class Conv2d(nn.Module):
   """2-D convolution, NHWC, with PyTorch's padding semantics and initialization.
 
@@ -122,17 +128,20 @@ class Conv2d(nn.Module):
     check_output_size('Conv2d', x.shape[1:3], kernel_size, stride, padding, dilation)
     fan_in = in_channels // self.groups * kernel_size[0] * kernel_size[1]
     default_init = torch_uniform_init(fan_in)
+    kernel = self.param('kernel', self.kernel_init or default_init,
+                        (*kernel_size, in_channels // self.groups, self.features), jnp.float32)
+    bias = (self.param('bias', self.bias_init or default_init, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     block = space_to_depth_block(in_channels, self.features, kernel_size, stride, dilation,
                                  self.groups)
     if block > 1:
-      return BlockConv(self.features, kernel_size, padding, block, self.use_bias, self.dtype,
-                        self.kernel_init or default_init, self.bias_init or default_init,
-                        name='conv')(x)
-    return nn.Conv(
-        features=self.features, kernel_size=kernel_size, strides=stride, padding=padding,
-        kernel_dilation=dilation, feature_group_count=self.groups, use_bias=self.use_bias,
-        dtype=self.dtype, kernel_init=self.kernel_init or default_init,
-        bias_init=self.bias_init or default_init, name='conv')(x)
+      y = conv_space_to_depth(x, kernel, padding, block)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, stride, padding, rhs_dilation=dilation,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+    return _add_bias(y, bias)
 
 
 class Linear(nn.Module):
@@ -146,9 +155,13 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     default_init = torch_uniform_init(x.shape[-1])
-    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
-                    kernel_init=self.kernel_init or default_init,
-                    bias_init=self.bias_init or default_init, name='dense')(x)
+    kernel = self.param('kernel', self.kernel_init or default_init,
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = (self.param('bias', self.bias_init or default_init, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return _add_bias(y, bias)
 
 
 def _pool_padding(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mode: bool):

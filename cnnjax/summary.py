@@ -93,10 +93,10 @@ def _count(tree) -> int:
 def _macs(module: nn.Module, params, out_shape: Sequence[int]) -> int:
   """Conv: output elements * kernel volume per output; linear: output elements * in features."""
   if isinstance(module, layers.Conv2d):
-    kh, kw, cin_per_group, _ = params['conv']['kernel'].shape
+    kh, kw, cin_per_group, _ = params['kernel'].shape
     return math.prod(out_shape) * kh * kw * cin_per_group
   if isinstance(module, layers.Linear):
-    return math.prod(out_shape) * params['dense']['kernel'].shape[0]
+    return math.prod(out_shape) * params['kernel'].shape[0]
   return 0
 
 

@@ -21,13 +21,13 @@ import numpy as np
 
 from cnnjax.errors import CheckpointError
 
-# (module kind, torch leaf) -> (cnnjax collection, cnnjax leaf path, layout conversion);
+# (module kind, torch leaf) -> (cnnjax collection, cnnjax leaf name, layout conversion);
 # None: the tensor is not used (BatchNorm's counter; cnnjax's momentum is fixed).
 LEAVES = {
-    ('conv', 'weight'): ('params', 'conv/kernel', 'oihw_to_hwio'),
-    ('conv', 'bias'): ('params', 'conv/bias', None),
-    ('linear', 'weight'): ('params', 'dense/kernel', 'transpose'),
-    ('linear', 'bias'): ('params', 'dense/bias', None),
+    ('conv', 'weight'): ('params', 'kernel', 'oihw_to_hwio'),
+    ('conv', 'bias'): ('params', 'bias', None),
+    ('linear', 'weight'): ('params', 'kernel', 'transpose'),
+    ('linear', 'bias'): ('params', 'bias', None),
     ('bn', 'weight'): ('params', 'scale', None),
     ('bn', 'bias'): ('params', 'bias', None),
     ('bn', 'running_mean'): ('batch_stats', 'mean', None),
@@ -107,7 +107,7 @@ def nchw_rows_to_nhwc(kernel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 'the file'
             ) -> dict[tuple[str, str], np.ndarray]:
-  """{(collection, 'layer1_0/conv1/conv/kernel'): array} from a torchvision state_dict.
+  """{(collection, 'layer1_0/conv1/kernel'): array} from a torchvision state_dict.
 
   Uses only array methods (transpose, reshape), so it also runs under `jax.eval_shape` to check
   a state_dict's shapes against a model without materializing any weights.
@@ -124,14 +124,14 @@ def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 't
     rule = LEAVES[(kind, leaf)]
     if rule is None:
       continue
-    collection, leaf_path, layout = rule
+    collection, leaf_name, layout = rule
     if layout == 'oihw_to_hwio':
       value = value.transpose(2, 3, 1, 0)
     elif layout == 'transpose':
       value = value.T
       if flatten and module_path(module) == flatten[0]:
         value = nchw_rows_to_nhwc(value, flatten[1])
-    out[(collection, f'{module_path(module)}/{leaf_path}')] = value
+    out[(collection, f'{module_path(module)}/{leaf_name}')] = value
   return out
 
 

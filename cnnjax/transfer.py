@@ -12,7 +12,7 @@ source `transfer.init_from` is
 Strict by default: every parameter and BatchNorm statistic of the model must be in the source with
 the same shape, and every array of the source must be used, unless its path matches one of
 `transfer.exclude` (same pattern syntax as `optimizer.frozen`: a regular expression matching a
-whole path like 'fc/dense/kernel' or a prefix ending at '/', so 'fc' is the ResNet head). Excluded
+whole path like 'fc/kernel' or a prefix ending at '/', so 'fc' is the ResNet head). Excluded
 model variables keep their fresh initialization (the head when `num_classes` differs). Anything
 else is refused with a CheckpointError listing the paths.
 """

@@ -45,7 +45,7 @@ def get_config():
   config.optimizer.weight_decay = 0.0153 / 11.5  # coupled (L2), like torch.optim.SGD
   config.optimizer.decay_bn_and_bias = False
   config.optimizer.lr_multipliers = (r'group\d/norm\d/bias=64',)
-  config.optimizer.frozen = ('whiten/conv/kernel',)
+  config.optimizer.frozen = ('whiten/kernel',)
   config.schedule.name = 'linear'
   config.schedule.warmup_epochs = 0.23 * 10      # 23% of num_epochs: change both together
   config.schedule.warmup_start_factor = 0.2

@@ -32,8 +32,7 @@ def ckpt_config(keep=2, best_metric='test_accuracy', every_steps=0):
 
 def make_state(width=3, bn=True, seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  params = {'fc': {'dense': {'kernel': jax.random.normal(k1, (4, width)),
-                             'bias': jnp.zeros(width)}}}
+  params = {'fc': {'kernel': jax.random.normal(k1, (4, width)), 'bias': jnp.zeros(width)}}
   stats = {}
   if bn:
     params['bn'] = {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}
@@ -137,7 +136,7 @@ def test_another_architecture_names_the_mismatched_paths(tmp_path):
       ckpts.restore_latest(make_state(width=5, bn=False))
   message = str(error.value)
   assert f'checkpoint {tmp_path / "5"} is of another architecture' in message
-  assert 'params/fc/dense/kernel (4, 3) vs (4, 5)' in message
+  assert 'params/fc/kernel (4, 3) vs (4, 5)' in message
   assert 'unexpected batch_stats/bn/mean' in message
   assert '\n' not in message
 
@@ -308,7 +307,7 @@ print('ok')
 def save_replicated(directory):
   mesh = parallel.data_mesh()
   state = parallel.replicate(fake_step(fake_step(make_state())), mesh)
-  assert len(state.params['fc']['dense']['kernel'].sharding.device_set) == jax.device_count()
+  assert len(state.params['fc']['kernel'].sharding.device_set) == jax.device_count()
   with Checkpoints(directory, ckpt_config(best_metric='')) as ckpts:
     ckpts.save(int(state.step), state)
 
@@ -318,7 +317,7 @@ def restore_and_check(directory):
     state = ckpts.restore_latest(make_state())
   chex.assert_trees_all_equal(leaves_of(state), leaves_of(fake_step(fake_step(make_state()))))
   replicated = parallel.replicate(state, parallel.data_mesh())
-  assert len(replicated.params['fc']['dense']['kernel'].sharding.device_set) == jax.device_count()
+  assert len(replicated.params['fc']['kernel'].sharding.device_set) == jax.device_count()
 
 
 def test_restore_across_device_counts(tmp_path):

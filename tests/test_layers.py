@@ -50,7 +50,7 @@ def _conv(case_id):
                          use_bias=bias)
   kernel = _random((*layers.pair(k), cin // g, feat), 50 + case_id)
   conv = {'kernel': kernel, 'bias': _random((feat,), 80 + case_id)} if bias else {'kernel': kernel}
-  y = np.asarray(module.apply({'params': {'conv': conv}}, x))
+  y = np.asarray(module.apply({'params': conv}, x))
   b = conv['bias'] if bias else None
   return x, kernel, b, y
 
@@ -212,7 +212,7 @@ def test_batch_norm_init_leaves_running_stats_alone():
 def test_linear_matches_numpy_and_torch_init_bounds():
   x = _random((3, 20), 5)
   variables = jax.jit(layers.Linear(7).init)(jax.random.key(1), x)
-  kernel, bias = (np.asarray(variables['params']['dense'][k]) for k in ('kernel', 'bias'))
+  kernel, bias = (np.asarray(variables['params'][k]) for k in ('kernel', 'bias'))
   np.testing.assert_allclose(layers.Linear(7).apply(variables, x), x @ kernel + bias, **TOL)
   bound = 1 / np.sqrt(20)  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.8 * bound
@@ -258,7 +258,7 @@ def test_layers_are_pure_under_jit():
   cin, feat, k, s, p, d, g, bias, hw = CONV_CASES[2]
   x, kernel, b, y = _conv(2)
   apply = jax.jit(layers.Conv2d(feat, k, s, p, d, g, bias).apply)
-  variables = {'params': {'conv': {'kernel': kernel, 'bias': b}}}
+  variables = {'params': {'kernel': kernel, 'bias': b}}
   np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
   np.testing.assert_allclose(apply(variables, x), y, **TOL)
 
@@ -297,7 +297,7 @@ def test_block_conv_gradients_match_torch(case_id):
 
   module = layers.Conv2d(feat, kernel_size=k, padding=p, use_bias=False)
   def loss(x_nhwc, kernel_hwio):
-    y = module.apply({'params': {'conv': {'kernel': kernel_hwio}}}, x_nhwc)
+    y = module.apply({'params': {'kernel': kernel_hwio}}, x_nhwc)
     return jnp.vdot(y, grad_out.transpose(0, 2, 3, 1)), y
   (_, y), (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
       x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0))

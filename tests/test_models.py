@@ -217,7 +217,7 @@ def test_small_models_jit_forward_in_train_and_eval(name, shape):
 def test_resnet_init_is_torchvisions_and_zero_init_residual():
   model = ResNet(stage_sizes=(1, 1), stem='cifar', zero_init_residual=True)
   params = jax.jit(model.init)(init_key(), jnp.zeros((1, 8, 8, 3)))['params']
-  kernel = params['layer2_0']['conv2']['conv']['kernel']          # 3x3, 128 -> 128
+  kernel = params['layer2_0']['conv2']['kernel']          # 3x3, 128 -> 128
   # Kaiming normal, fan_out mode: std sqrt(2 / (9 * 128)).
   np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (9 * 128)), rtol=0.02)
   chex.assert_trees_all_equal(params['layer1_0']['bn2']['scale'], jnp.zeros(64))
@@ -240,7 +240,9 @@ def test_activations_of_named_layers_and_unknown_layer_lists_names():
   conv2 = jax.jit(lambda v: activations(model, v, x, 'conv2'))(variables)
   assert conv2.shape == (2, 16, 16, 64) and float(jnp.abs(conv2).max()) > 0
   assert jax.eval_shape(lambda v: activations(model, v, x, 'fc1'), variables).shape == (2, 256)
-  assert {'conv1', 'bn1', 'conv3', 'fc2', 'conv1/conv'} <= set(layer_names(model, variables, x))
+  assert layer_names(model, variables, x) == [  # layers only: they hold their own parameters
+      'Dropout_0', 'GlobalAvgPool_0', 'MaxPool2d_0', 'MaxPool2d_1', 'bn1', 'bn2', 'bn3',
+      'conv1', 'conv2', 'conv3', 'fc1', 'fc2']
   with pytest.raises(ValueError, match=r"no layer 'conv9'.*bn1, bn2, bn3, conv1"):
     activations(model, variables, x, 'conv9')
   # Torchvision-style Sequential indices name VGG's layers; unknown nested paths list siblings.

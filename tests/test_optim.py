@@ -205,10 +205,10 @@ def flat(tree):
 
 def test_paths_and_weight_decay_mask(net_params):
   assert flat(optim.weight_decay_mask(net_params)) == {
-      'conv1/conv/bias': False, 'conv1/conv/kernel': True, 'fc/dense/bias': False,
-      'fc/dense/kernel': True, 'layer1_0/bn1/bias': False, 'layer1_0/bn1/scale': False,
-      'layer1_0/conv1/conv/kernel': True, 'layer1_0/downsample/conv/bias': False,
-      'layer1_0/downsample/conv/kernel': True, 'layer1_0/downsample_bn/bias': False,
+      'conv1/bias': False, 'conv1/kernel': True, 'fc/bias': False,
+      'fc/kernel': True, 'layer1_0/bn1/bias': False, 'layer1_0/bn1/scale': False,
+      'layer1_0/conv1/kernel': True, 'layer1_0/downsample/bias': False,
+      'layer1_0/downsample/kernel': True, 'layer1_0/downsample_bn/bias': False,
       'layer1_0/downsample_bn/scale': False}
   assert flat(optim.weight_decay_mask({'LayerNorm_0': {'gamma': 1.0}, 'norm': {'w': 1.0}})) == {
       'LayerNorm_0/gamma': False, 'norm/w': False}
@@ -256,7 +256,7 @@ def test_frozen_get_no_updates_and_no_state(net_params):
     moments = [x for x in jax.tree.leaves(state) if x.ndim > 0]
     assert len(moments) == 4
   untrained = freezing.untrained_paths(dict(trainable=['fc']), net_params)
-  assert sorted(set(flat(net_params)) - set(untrained)) == ['fc/dense/bias', 'fc/dense/kernel']
+  assert sorted(set(flat(net_params)) - set(untrained)) == ['fc/bias', 'fc/kernel']
 
 
 def test_gradual_unfreezing_starts_fresh_at_lower_rate(net_params):
@@ -276,11 +276,11 @@ def test_gradual_unfreezing_starts_fresh_at_lower_rate(net_params):
       else:
         np.testing.assert_allclose(delta, -0.02 * 0.5 * 1.9, rtol=1e-5)
   # the head keeps its momentum and drops to the lower rate too: 0.02 * 0.5 * (1 + .9 + .9^2 + .9^3)
-  np.testing.assert_allclose(deltas[3]['fc/dense/kernel'], -0.02 * 0.5 * 3.439, rtol=1e-5)
+  np.testing.assert_allclose(deltas[3]['fc/kernel'], -0.02 * 0.5 * 3.439, rtol=1e-5)
   assert float(schedule(2)) == pytest.approx(0.2) and float(schedule(3)) == pytest.approx(0.02)
   assert freezing.unfreeze_step(cfg, 2) == 3 and freezing.unfreeze_step({}, 2) is None
   untrained = [freezing.untrained_paths(cfg, net_params, t, 2) for t in (0, 2, 3)]
-  assert untrained[0] == untrained[1] and 'conv1/conv/kernel' in untrained[0] and not untrained[2]
+  assert untrained[0] == untrained[1] and 'conv1/kernel' in untrained[0] and not untrained[2]
 
 
 def test_lr_multipliers(net_params):

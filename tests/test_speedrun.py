@@ -76,7 +76,7 @@ def test_airbench94_count_shape_and_frozen_batchnorm_scale():
   paths = flax.traverse_util.flatten_dict(variables['params'], sep='/')
   norms = [p for p in paths if '/norm' in p]
   assert len(norms) == 6 and all(p.endswith('/bias') for p in norms)   # no BatchNorm scale
-  assert paths['whiten/conv/kernel'].shape == (2, 2, 3, 24)
+  assert paths['whiten/kernel'].shape == (2, 2, 3, 24)
   torch = pytest.importorskip('torch')
   net = airbench_torch_net(torch)
   bn_weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -91,12 +91,12 @@ def test_airbench94_equals_airbench_torch_net_with_its_weights():
     if isinstance(module, torch.nn.BatchNorm2d):
       module.bias.data.normal_(0, 0.3)
   sd = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
-  flat = {'whiten/conv/kernel': sd['0.weight'].transpose(2, 3, 1, 0),
-          'whiten/conv/bias': sd['0.bias'], 'head/dense/kernel': sd['7.weight'].T}
+  flat = {'whiten/kernel': sd['0.weight'].transpose(2, 3, 1, 0),
+          'whiten/bias': sd['0.bias'], 'head/kernel': sd['7.weight'].T}
   stats = {}
   for g in (1, 2, 3):
     for c in (1, 2):
-      flat[f'group{g}/conv{c}/conv/kernel'] = sd[f'{g + 1}.conv{c}.weight'].transpose(2, 3, 1, 0)
+      flat[f'group{g}/conv{c}/kernel'] = sd[f'{g + 1}.conv{c}.weight'].transpose(2, 3, 1, 0)
       flat[f'group{g}/norm{c}/bias'] = sd[f'{g + 1}.norm{c}.bias']
       stats[f'group{g}/norm{c}/mean'] = sd[f'{g + 1}.norm{c}.running_mean']
       stats[f'group{g}/norm{c}/var'] = sd[f'{g + 1}.norm{c}.running_var']
@@ -117,7 +117,7 @@ def test_airbench94_equals_airbench_torch_net_with_its_weights():
   np.testing.assert_allclose(jax.jit(model.apply)({**variables, **updates}, x), expected, atol=2e-5,
                              rtol=1e-4)
   # airbench's Conv init: the first in_channels filters of each 3x3 conv are identities.
-  kernel = np.asarray(ours['params']['group2']['conv1']['conv']['kernel'])   # 8 -> 16
+  kernel = np.asarray(ours['params']['group2']['conv1']['kernel'])   # 8 -> 16
   identity = np.zeros((3, 3, 8, 8))
   identity[1, 1] = np.eye(8)
   np.testing.assert_array_equal(kernel[..., :8], identity)
@@ -177,9 +177,9 @@ def test_optimizer_takes_airbench_torch_sgd_steps():
   torch = pytest.importorskip('torch')
   config = config_lib.load_experiment('cifar_speedrun')
   rng = np.random.default_rng(0)
-  params = {'group1': {'conv1': {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4))}},
+  params = {'group1': {'conv1': {'kernel': rng.normal(size=(3, 3, 2, 4))},
                        'norm1': {'bias': rng.normal(size=(4,))}},
-            'whiten': {'conv': {'kernel': rng.normal(size=(2, 2, 3, 2))}}}
+            'whiten': {'kernel': rng.normal(size=(2, 2, 3, 2))}}
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   tx, _ = optim.make_optimizer(config.optimizer, config.schedule, 48, 480, params)
   # airbench94.py's set-up, hyp['opt'] as published; norm biases without weight decay (the one
@@ -189,7 +189,7 @@ def test_optimizer_takes_airbench_torch_sgd_steps():
   lr = 11.5 / kilostep_scale
   wd = 0.0153 * batch_size / kilostep_scale
   lr_biases = lr * 64.0
-  kernel = torch.tensor(np.asarray(params['group1']['conv1']['conv']['kernel']), requires_grad=True)
+  kernel = torch.tensor(np.asarray(params['group1']['conv1']['kernel']), requires_grad=True)
   bias = torch.tensor(np.asarray(params['group1']['norm1']['bias']), requires_grad=True)
   opt = torch.optim.SGD([dict(params=[bias], lr=lr_biases, weight_decay=0.0),
                          dict(params=[kernel], lr=lr, weight_decay=wd / lr)],
@@ -198,20 +198,20 @@ def test_optimizer_takes_airbench_torch_sgd_steps():
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_schedule[i])
   opt_state = tx.init(params)
   update = jax.jit(tx.update)
-  whiten = params['whiten']['conv']['kernel']
+  whiten = params['whiten']['kernel']
   for _ in range(6):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-    kernel.grad = torch.tensor(np.asarray(grads['group1']['conv1']['conv']['kernel'])) * batch_size
+    kernel.grad = torch.tensor(np.asarray(grads['group1']['conv1']['kernel'])) * batch_size
     bias.grad = torch.tensor(np.asarray(grads['group1']['norm1']['bias'])) * batch_size
     opt.step()
     sched.step()
     updates, opt_state = update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
-  np.testing.assert_allclose(params['group1']['conv1']['conv']['kernel'], kernel.detach().numpy(),
+  np.testing.assert_allclose(params['group1']['conv1']['kernel'], kernel.detach().numpy(),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(params['group1']['norm1']['bias'], bias.detach().numpy(),
                              rtol=1e-5, atol=1e-4)
-  np.testing.assert_array_equal(params['whiten']['conv']['kernel'], whiten)   # frozen
+  np.testing.assert_array_equal(params['whiten']['kernel'], whiten)   # frozen
 
 
 def test_flip_tta_is_the_mean_of_image_and_mirror_logits():
@@ -260,7 +260,7 @@ def test_a_new_run_initializes_the_whitening_conv_from_normalized_training_image
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   variables = runner.init_from_data(model, variables, dataset)
   x = (dataset.x_train[:256] - np.float32(dataset.mean)) / np.float32(dataset.std)
-  np.testing.assert_allclose(variables['params']['whiten']['conv']['kernel'], whitening_kernel(x),
+  np.testing.assert_allclose(variables['params']['whiten']['kernel'], whitening_kernel(x),
                              rtol=1e-5, atol=1e-5)
   other = models.get_model('convnet')
   assert runner.init_from_data(other, variables, dataset) is variables

@@ -63,13 +63,13 @@ def test_layouts_of_conv_linear_and_batch_norm():
         'layer1.0.fc.weight': rng.normal(size=(10, 6)), 'layer1.0.fc.bias': rng.normal(size=10)}
   out = convert(sd, 'resnet18')
   assert sorted(out) == sorted([
-      ('params', 'conv1/conv/kernel'), ('params', 'conv1/conv/bias'), ('params', 'bn1/scale'),
+      ('params', 'conv1/kernel'), ('params', 'conv1/bias'), ('params', 'bn1/scale'),
       ('params', 'bn1/bias'), ('batch_stats', 'bn1/mean'), ('batch_stats', 'bn1/var'),
-      ('params', 'layer1_0/fc/dense/kernel'), ('params', 'layer1_0/fc/dense/bias')])
-  kernel = out[('params', 'conv1/conv/kernel')]
+      ('params', 'layer1_0/fc/kernel'), ('params', 'layer1_0/fc/bias')])
+  kernel = out[('params', 'conv1/kernel')]
   assert kernel.shape == (5, 4, 3, 8)  # HWIO
   assert kernel[2, 1, 0, 6] == sd['conv1.weight'][6, 0, 2, 1]
-  np.testing.assert_array_equal(out[('params', 'layer1_0/fc/dense/kernel')], sd['layer1.0.fc.weight'].T)
+  np.testing.assert_array_equal(out[('params', 'layer1_0/fc/kernel')], sd['layer1.0.fc.weight'].T)
   np.testing.assert_array_equal(out[('batch_stats', 'bn1/var')], sd['bn1.running_var'])
 
 
@@ -83,14 +83,14 @@ def test_first_linear_gets_the_nchw_flatten_order(name, layer, hw):
   weight = rng.normal(size=(5, c * hw[0] * hw[1]))
   torch_out = weight @ feature_map.reshape(-1)
   prefix = layer.replace('_', '.')
-  kernel = convert({f'{prefix}.weight': weight}, name)[('params', f'{layer}/dense/kernel')]
+  kernel = convert({f'{prefix}.weight': weight}, name)[('params', f'{layer}/kernel')]
   np.testing.assert_allclose(feature_map.transpose(1, 2, 0).reshape(-1) @ kernel, torch_out,
                              rtol=1e-12)
   # Any other Linear (and any other model) is a plain transpose.
   np.testing.assert_array_equal(convert({'classifier.3.weight': weight}, name)[
-      ('params', 'classifier_3/dense/kernel')], weight.T)
+      ('params', 'classifier_3/kernel')], weight.T)
   np.testing.assert_array_equal(convert({f'{prefix}.weight': weight}, 'resnet18')[
-      ('params', f'{layer}/dense/kernel')], weight.T)
+      ('params', f'{layer}/kernel')], weight.T)
   with pytest.raises(ValueError, match='cannot follow a flattened'):
     nchw_rows_to_nhwc(np.zeros((50, 2)), hw)
 
@@ -115,8 +115,8 @@ def test_head_swap_is_refused_unless_excluded_then_freshly_initialized(tmp_path,
   with pytest.raises(CheckpointError) as error:
     transfer.init_from_pretrained(fresh, tcfg(tmp_path), 'convnet')
   message = str(error.value)
-  assert 'shape mismatch (file vs model) params/fc2/dense/bias (10,) vs (3,), ' \
-         'params/fc2/dense/kernel (16, 10) vs (16, 3)' in message
+  assert 'shape mismatch (file vs model) params/fc2/bias (10,) vs (3,), ' \
+         'params/fc2/kernel (16, 10) vs (16, 3)' in message
   assert 'transfer.exclude' in message and '\n' not in message
 
   loaded = transfer.init_from_pretrained(fresh, tcfg(tmp_path, exclude=['fc2']), 'convnet')
@@ -128,10 +128,10 @@ def test_head_swap_is_refused_unless_excluded_then_freshly_initialized(tmp_path,
 
 def test_missing_and_unexpected_are_reported_by_full_path():
   a = jax.ShapeDtypeStruct((2,), jnp.float32)
-  target = {('params', 'conv1/conv/kernel'): a, ('batch_stats', 'bn1/mean'): a}
-  source = {('params', 'conv1/conv/kernel'): a, ('params', 'conv9/conv/kernel'): a}
+  target = {('params', 'conv1/kernel'): a, ('batch_stats', 'bn1/mean'): a}
+  source = {('params', 'conv1/kernel'): a, ('params', 'conv9/kernel'): a}
   with pytest.raises(CheckpointError, match=r'\(missing batch_stats/bn1/mean; unexpected '
-                                            r'params/conv9/conv/kernel\)'):
+                                            r'params/conv9/kernel\)'):
     transfer.check_fits(target, source)
   assert transfer.check_fits(target, source, exclude=('bn1', 'conv9')) == ['batch_stats/bn1/mean']
   with pytest.raises(ConfigError, match="transfer.exclude pattern 'fc' matches no parameter"):
@@ -158,12 +158,12 @@ def test_safetensors_state_dict_without_torch(tmp_path, init_fn):
   path = tmp_path / 'convnet.safetensors'
   save_file(sd, str(path))
   loaded = jax.device_get(transfer.init_from_pretrained(target, tcfg(path), 'convnet'))
-  np.testing.assert_array_equal(loaded['params']['conv2']['conv']['kernel'],
+  np.testing.assert_array_equal(loaded['params']['conv2']['kernel'],
                                 sd['conv2.weight'].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded['params']['fc2']['dense']['kernel'], sd['fc2.weight'].T)
+  np.testing.assert_array_equal(loaded['params']['fc2']['kernel'], sd['fc2.weight'].T)
   np.testing.assert_array_equal(loaded['params']['bn3']['scale'], sd['bn3.weight'])
   np.testing.assert_array_equal(loaded['batch_stats']['bn1']['var'], sd['bn1.running_var'])
-  assert loaded['params']['fc1']['dense']['kernel'].dtype == np.float32
+  assert loaded['params']['fc1']['kernel'].dtype == np.float32
 
   del sd['bn3.running_var']
   save_file(sd, str(path))

@@ -58,14 +58,14 @@ def torch_to_flax(module, as_shapes: bool = False) -> dict:
     kind = kinds[owner]
     if isinstance(kind, torch.nn.Conv2d):
       if leaf == 'weight':
-        put('params', path + ['conv', 'kernel'], tensor, (2, 3, 1, 0))
+        put('params', path + ['kernel'], tensor, (2, 3, 1, 0))
       else:
-        put('params', path + ['conv', 'bias'], tensor)
+        put('params', path + ['bias'], tensor)
     elif isinstance(kind, torch.nn.Linear):
       if leaf == 'weight':
-        put('params', path + ['dense', 'kernel'], tensor, (1, 0))
+        put('params', path + ['kernel'], tensor, (1, 0))
       else:
-        put('params', path + ['dense', 'bias'], tensor)
+        put('params', path + ['bias'], tensor)
     elif isinstance(kind, torch.nn.BatchNorm2d):
       collection = 'params' if leaf in ('weight', 'bias') else 'batch_stats'
       name = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}

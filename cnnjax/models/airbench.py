@@ -17,10 +17,11 @@ The 3x3 convs start as airbench's: PyTorch's default init, then ``dirac_`` on th
 as ``torch.nn.GELU()``. 1,971,640 parameters at the default widths: airbench's 1,972,792 minus
 the 1,152 BatchNorm weights it keeps frozen at 1.
 
-Porting airbench's state_dict: ``0.*`` -> ``whiten/conv/*``, ``{2,3,4}.conv{1,2}.weight`` ->
-``group{1,2,3}/conv{1,2}/conv/kernel``, ``{2,3,4}.norm{1,2}.bias`` -> ``group*/norm*/bias``
-(running_mean/var -> ``batch_stats`` mean/var), ``7.weight`` -> ``head/dense/kernel``; conv
-weights OIHW -> HWIO by ``.transpose(2, 3, 1, 0)``, the linear weight transposed.
+Porting airbench's state_dict: ``0.weight|bias`` -> ``whiten/kernel|bias``,
+``{2,3,4}.conv{1,2}.weight`` -> ``group{1,2,3}/conv{1,2}/kernel``, ``{2,3,4}.norm{1,2}.bias`` ->
+``group*/norm*/bias`` (running_mean/var -> ``batch_stats`` mean/var), ``7.weight`` ->
+``head/kernel``; conv weights OIHW -> HWIO by ``.transpose(2, 3, 1, 0)``, the linear weight
+transposed.
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ class Airbench94(nn.Module):
     x = np.asarray(images[:self.whiten_images], np.float32)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
-    path = 'whiten/conv/kernel'
+    path = 'whiten/kernel'
     kernel = whitening_kernel(x, self.whiten_kernel_size)
     if kernel.shape != flat[path].shape:
       raise ConfigError(f'airbench94: the whitening kernel from the data has shape {kernel.shape}, '

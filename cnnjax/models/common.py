@@ -7,10 +7,10 @@ The naming scheme all models follow (so a torchvision ``state_dict`` maps by str
   ``layer1.0.downsample.1`` -> ``layer1_0/downsample_1``,
   ``features.1.0.block.0.0`` -> ``features_1_0/block_0_0``;
 * every other dot becomes a Flax scope separator ``/``;
-* the leaf: a ``Conv2d`` weight/bias is ``<name>/conv/kernel|bias`` (HWIO: torch's OIHW weight
-  ``.transpose(2, 3, 1, 0)``), a ``Linear`` weight/bias is ``<name>/dense/kernel|bias`` (kernel
-  is torch's weight transposed), a ``BatchNorm`` weight/bias is ``<name>/scale|bias`` in
-  ``params`` and its running_mean/running_var are ``<name>/mean|var`` in ``batch_stats``.
+* the leaf: a ``Conv2d`` weight/bias is ``<name>/kernel|bias`` (HWIO: torch's OIHW weight
+  ``.transpose(2, 3, 1, 0)``), a ``Linear`` weight/bias is ``<name>/kernel|bias`` (kernel is
+  torch's weight transposed), a ``BatchNorm`` weight/bias is ``<name>/scale|bias`` in ``params``
+  and its running_mean/running_var are ``<name>/mean|var`` in ``batch_stats``.
 
 In regex form: ``re.sub(r'\\.(\\d+)', r'_\\1', key)`` then ``.`` -> ``/``.
 """
