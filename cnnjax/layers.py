@@ -21,7 +21,7 @@ Momentum conventions differ between the frameworks: Flax keeps ``momentum`` as t
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,53 +29,9 @@ import jax.numpy as jnp
 
 from cnnjax.errors import ShapeError
 from cnnjax.fast_paths import conv_space_to_depth, space_to_depth_block, tiled
-from cnnjax.shapes import pair  # (v, v) for an int, like torch's _pair
+from cnnjax.shapes import Padding, conv_output_size, explicit_padding, pair, pool_padding
 
-Padding = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
 Dtype = Any
-
-
-def explicit_padding(padding: Padding, kernel_size: Sequence[int],
-                     stride: Sequence[int] = (1, 1),
-                     dilation: Sequence[int] = (1, 1)) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Turns any padding spec into ``((top, bottom), (left, right))``.
-
-  Accepts an int (symmetric, like PyTorch), a pair ``(ph, pw)``, per-side pairs
-  ``((top, bottom), (left, right))``, 'valid' (no padding) or 'same' (stride 1 only, padding
-  split as PyTorch does: the extra pixel of an even kernel goes to the bottom/right).
-  """
-  if isinstance(padding, str):
-    mode = padding.lower()
-    if mode == 'valid':
-      return ((0, 0), (0, 0))
-    if mode == 'same':
-      if tuple(stride) != (1, 1):
-        raise ShapeError(f"padding='same' needs stride 1 (as in PyTorch), got stride {tuple(stride)}.")
-      sides = []
-      for k, d in zip(kernel_size, dilation):
-        total = d * (k - 1)
-        sides.append((total // 2, total - total // 2))
-      return tuple(sides)
-    raise ShapeError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
-  if isinstance(padding, int):
-    return ((padding, padding), (padding, padding))
-  padding = tuple(padding)
-  if len(padding) == 2 and all(isinstance(p, int) for p in padding):
-    return ((padding[0], padding[0]), (padding[1], padding[1]))
-  if len(padding) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding):
-    return tuple((int(p[0]), int(p[1])) for p in padding)
-  raise ShapeError(f"padding must be an int, a pair, per-side pairs, 'same' or 'valid', got {padding!r}.")
-
-
-def check_output_size(layer: str, in_hw: Sequence[int], kernel_size: Sequence[int],
-                      stride: Sequence[int], padding, dilation: Sequence[int] = (1, 1)) -> None:
-  """Raises a ValueError when a kernel/padding/stride leaves an empty output."""
-  for size, k, s, (lo, hi), d in zip(in_hw, kernel_size, stride, padding, dilation):
-    span = d * (k - 1) + 1
-    if size + lo + hi < span:
-      raise ShapeError(
-          f'{layer}: input {tuple(in_hw)} padded by {tuple(padding)} is smaller than the '
-          f'{"dilated " if d > 1 else ""}kernel {tuple(kernel_size)}; the output would be empty.')
 
 
 def check_input(x: jax.Array, layer: str) -> None:
@@ -125,7 +81,7 @@ class Conv2d(nn.Module):
     if in_channels % self.groups or self.features % self.groups:
       raise ShapeError(f'Conv2d: in_channels {in_channels} and features {self.features} must both '
                        f'be divisible by groups {self.groups}.')
-    check_output_size('Conv2d', x.shape[1:3], kernel_size, stride, padding, dilation)
+    conv_output_size(x.shape[1:3], kernel_size, stride, padding, dilation, layer='Conv2d')
     fan_in = in_channels // self.groups * kernel_size[0] * kernel_size[1]
     default_init = torch_uniform_init(fan_in)
     kernel = self.param('kernel', self.kernel_init or default_init,
@@ -164,25 +120,13 @@ class Linear(nn.Module):
     return _add_bias(y, bias)
 
 
-def _pool_padding(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mode: bool):
+def _pool_window(name: str, x: jax.Array, kernel_size, stride, padding, ceil_mode: bool):
+  """(kernel, stride, per-side padding) of a pool: PyTorch's rules, `cnnjax.shapes.pool_padding`."""
   check_input(x, name)
   kernel_size = pair(kernel_size, 'kernel_size')
   stride = pair(kernel_size if stride is None else stride, 'stride')
-  padding = explicit_padding(padding, kernel_size, stride)
-  for k, (lo, hi) in zip(kernel_size, padding):
-    if lo > k // 2 or hi > k // 2:
-      raise ShapeError(f'{name}: padding {padding} must be at most half the kernel {kernel_size}.')
-  check_output_size(name, x.shape[1:3], kernel_size, stride, padding)
-  if ceil_mode:  # PyTorch: round the output size up, but the last window must start inside.
-    padding = list(padding)
-    for i, (size, k, s) in enumerate(zip(x.shape[1:3], kernel_size, stride)):
-      lo, hi = padding[i]
-      out = -(-(size + lo + hi - k) // s) + 1
-      if (out - 1) * s >= size + lo:
-        out -= 1
-      padding[i] = (lo, hi + max(0, (out - 1) * s + k - (size + lo + hi)))
-    padding = tuple(padding)
-  return kernel_size, stride, padding
+  return kernel_size, stride, pool_padding(x.shape[1:3], kernel_size, stride, padding, ceil_mode,
+                                           layer=name)
 
 
 class MaxPool2d(nn.Module):
@@ -194,7 +138,7 @@ class MaxPool2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel_size, stride, padding = _pool_padding(
+    kernel_size, stride, padding = _pool_window(
         'MaxPool2d', x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
     tiles = tiled(x, kernel_size, stride, padding)
     if tiles is not None:
@@ -211,7 +155,7 @@ class AvgPool2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel_size, stride, padding = _pool_padding(
+    kernel_size, stride, padding = _pool_window(
         'AvgPool2d', x, self.kernel_size, self.stride, self.padding, False)
     tiles = tiled(x, kernel_size, stride, padding)
     if tiles is not None:

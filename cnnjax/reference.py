@@ -2,7 +2,9 @@
 
 Everything here is plain NumPy on NHWC arrays, written to be read next to the formulas in the
 docstrings rather than to be fast. The Flax layers in `cnnjax.layers` must agree with these
-functions (tests/test_layers.py), and these functions agree with PyTorch's.
+functions (tests/test_layers.py), and these functions agree with PyTorch's. The padding and
+output-size arithmetic below is written apart from `cnnjax.shapes` on purpose: an oracle must
+not share the code it checks.
 
 Conventions (PyTorch's, in NHWC):
 

@@ -47,7 +47,9 @@ def test_output_size_two_dimensional():
     ((0, 1), {}, 'positive'),
     ((8, 3, 0), {}, 'positive'),
     ((8, 3, 1, -1), {}, 'non-negative'),
-    (((8, 8), 3, 2), {'padding': 'same'}, "'same' with stride 1"),
+    (((8, 8), 3, 2), {'padding': 'same'}, "'same' needs stride 1"),
+    ((8, 3, 1, 'same'), {}, 'one axis must be P or'),
+    (((5, 32), 7, 2), {'layer': 'Conv2d'}, r'^Conv2d: input \(5, 32\) padded by .* kernel \(7, 7\)'),
 ])
 def test_output_size_bad_input(args, kwargs, message):
   if message is None:
@@ -55,6 +57,17 @@ def test_output_size_bad_input(args, kwargs, message):
     return
   with pytest.raises(ValueError, match=message):
     conv_output_size(*args, **kwargs)
+
+
+def test_pool_padding_adds_what_ceil_mode_needs_and_checks_pytorchs_rules():
+  # GoogLeNet's maxpool1: 112 -> 56 needs one more bottom/right row than floor mode has.
+  assert shapes.pool_padding((112, 112), 3, 2, ceil_mode=True) == ((0, 1), (0, 1))
+  assert shapes.pool_padding((112, 112), 3, 2) == ((0, 0), (0, 0))
+  assert shapes.pool_padding((5, 8), 2, 2, 1, ceil_mode=True) == ((1, 1), (1, 1))  # no 4th window
+  with pytest.raises(ValueError, match=r'^AvgPool2d: padding .* at most half the kernel'):
+    shapes.pool_padding((8, 8), 2, 2, 2, layer='AvgPool2d')
+  with pytest.raises(ValueError, match='empty'):
+    shapes.pool_padding((2, 8), 3, 2)
 
 
 def test_output_size_matches_pytorch_on_a_grid():
