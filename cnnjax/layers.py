@@ -39,13 +39,17 @@ def check_input(x: jax.Array, layer: str) -> None:
     raise ShapeError(f'{layer} expects NHWC input of rank 4, got shape {tuple(x.shape)}.')
 
 
-def torch_uniform_init(fan_in: int):
-  """PyTorch's default init for conv and linear weights and biases: U(-1/sqrt(fan_in), +)."""
-  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+def uniform_init(bound: float):
+  """U(-bound, bound), the initializer behind PyTorch's defaults."""
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default init for conv and linear weights and biases: U(-1/sqrt(fan_in), +)."""
+  return uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:

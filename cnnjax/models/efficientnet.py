@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.blocks import MBConv, conv_norm_act, make_divisible
-from cnnjax.layers import BatchNorm, Conv2d, Dropout, GlobalAvgPool, Linear
+from cnnjax.layers import BatchNorm, Conv2d, Dropout, GlobalAvgPool, Linear, uniform_init
 from cnnjax.models.common import check_model_input, kaiming_normal_fan_out, zeros
 
 # (expand_ratio, kernel, stride, in_channels, out_channels, num_blocks): Table 1 of the paper.
@@ -70,17 +70,9 @@ class EfficientNet(nn.Module):
     x = GlobalAvgPool()(x)
     x = Dropout(self.dropout, deterministic=not train)(x)
     bound = 1.0 / math.sqrt(self.num_classes)
-    fc = Linear(self.num_classes, dtype=self.dtype, kernel_init=_uniform(bound), bias_init=zeros,
-                name='classifier_1')
+    fc = Linear(self.num_classes, dtype=self.dtype, kernel_init=uniform_init(bound),
+                bias_init=zeros, name='classifier_1')
     return fc(x).astype(jnp.float32)
-
-
-def _uniform(bound: float):
-  """U(-bound, bound), torchvision's EfficientNet classifier init."""
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 EfficientNetB0 = partial(EfficientNet, width_mult=1.0, depth_mult=1.0, dropout=0.2)
