@@ -20,6 +20,7 @@ import re
 import numpy as np
 
 from cnnjax.errors import CheckpointError
+from cnnjax.models.common import module_path  # the naming rule of cnnjax.models
 
 # (module kind, torch leaf) -> (cnnjax collection, cnnjax leaf name, layout conversion);
 # None: the tensor is not used (BatchNorm's counter; cnnjax's momentum is fixed).
@@ -69,11 +70,6 @@ def where_to_get(path: pathlib.Path, model_name: str) -> str:
   url = IMAGENET_URL + IMAGENET_FILES[model_name]
   return (f'; download torchvision\'s ImageNet weights for {model_name} from {url} '
           f'(e.g. curl -L --create-dirs -o {path} {url}) or point transfer.init_from at your copy')
-
-
-def module_path(torch_module: str) -> str:
-  """'layer1.0.downsample.0' -> 'layer1_0/downsample_0' (the naming rule of cnnjax.models)."""
-  return re.sub(r'\.(\d+)', r'_\1', torch_module).replace('.', '/')
 
 
 def module_kinds(state_dict: dict[str, np.ndarray]) -> dict[str, str]:

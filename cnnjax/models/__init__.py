@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import jax
 from cnnjax.errors import ConfigError
 from cnnjax.models.airbench import Airbench94
 from cnnjax.models.alexnet import AlexNet
+from cnnjax.models.common import module_path
 from cnnjax.models.efficientnet import EfficientNet, EfficientNetB0
 from cnnjax.models.googlenet import GoogLeNet
 from cnnjax.models.lenet import LeNet5
@@ -113,11 +113,6 @@ def get_model(name: str, num_classes: int | None = None, in_channels: int | None
   return constructor(**kwargs)
 
 
-def _flax_path(layer: str) -> str:
-  """Accepts 'layer1_0/conv1' or torchvision's 'layer1.0.conv1' and returns the former."""
-  return re.sub(r'\.(\d+)', r'_\1', layer).replace('.', '/')
-
-
 def layer_names(model: nn.Module, variables: Any, x: jax.Array) -> list[str]:
   """Every submodule path whose output ``activations`` can return, sorted (traced, not run)."""
   apply = functools.partial(model.apply, capture_intermediates=True, mutable=['intermediates'])
@@ -142,7 +137,7 @@ def _parent(path: str) -> str:
 def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> jax.Array:
   """Output of submodule ``layer`` (e.g. 'layer1_0', 'features_3', 'inception3a/branch1') for
   input ``x`` in evaluation mode. Raises a ValueError listing valid layers for an unknown one."""
-  path = _flax_path(layer)
+  path = module_path(layer)  # 'layer1_0/conv1' or torchvision's 'layer1.0.conv1'
   names = layer_names(model, variables, x)
   if path not in names:
     parent = _parent(path) if _parent(path) in names else ''

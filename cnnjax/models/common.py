@@ -12,9 +12,13 @@ The naming scheme all models follow (so a torchvision ``state_dict`` maps by str
   torch's weight transposed), a ``BatchNorm`` weight/bias is ``<name>/scale|bias`` in ``params``
   and its running_mean/running_var are ``<name>/mean|var`` in ``batch_stats``.
 
-In regex form: ``re.sub(r'\\.(\\d+)', r'_\\1', key)`` then ``.`` -> ``/``.
+In regex form: ``re.sub(r'\\.(\\d+)', r'_\\1', key)`` then ``.`` -> ``/``: `module_path`, used by
+`cnnjax.torchvision_weights` to port state_dicts and by `cnnjax.models.activations` to accept
+torchvision's names.
 """
 from __future__ import annotations
+
+import re
 
 import flax.linen as nn
 import jax
@@ -25,6 +29,12 @@ from cnnjax.errors import ShapeError
 # normal). Flax's fan_out of an HWIO kernel is kh * kw * out, the same as torch's for OIHW.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 zeros = nn.initializers.zeros
+
+
+def module_path(torch_module: str) -> str:
+  """'layer1.0.downsample.0' -> 'layer1_0/downsample_0': a torchvision module name as the Flax
+  path of the same module here (a cnnjax path passes through unchanged)."""
+  return re.sub(r'\.(\d+)', r'_\1', torch_module).replace('.', '/')
 
 
 def check_model_input(x: jax.Array, model: str, in_channels: int) -> None:
