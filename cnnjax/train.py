@@ -88,11 +88,12 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[TrainState, dict]:
   aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  if recipe.axis_name is not None:  # different augmentation on every device under pmap
-    aug_rng = jax.random.fold_in(aug_rng, jax.lax.axis_index(recipe.axis_name))
+  first_index = 0  # of this device's slice in the global batch: the same augmentation under pmap
+  if recipe.axis_name is not None:
+    first_index = jax.lax.axis_index(recipe.axis_name) * batch['image'].shape[0]
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(recipe.axis_name))
   images = augment.apply(aug_rng, batch['image'], crop_padding=recipe.crop_padding,
-                         pad_mode=recipe.pad_mode, flip=recipe.flip)
+                         pad_mode=recipe.pad_mode, flip=recipe.flip, first_index=first_index)
   images = augment.normalize(images, recipe.mean, recipe.std)
   labels = batch['label']
   trainable, fixed = freezing.split(state.params, recipe.frozen)

@@ -111,6 +111,18 @@ def test_apply_is_crop_then_flip():
   assert 0 < n_flipped < len(out)
 
 
+def test_a_slice_of_the_batch_is_augmented_as_in_the_whole_batch():
+  """Per-image randomness depends on the image's global index, not on the device split: a pmap
+  device holding rows 8..15 of a global batch augments them as one device holding all rows."""
+  x = np.random.default_rng(0).integers(0, 255, (32, H, W, C), dtype=np.uint8)
+  aug = jax.jit(functools.partial(augment.apply, crop_padding=2, pad_mode='reflect', flip=True))
+  whole = np.asarray(aug(jax.random.key(3), x))
+  for first in (0, 8, 24):
+    part = np.asarray(aug(jax.random.key(3), x[first:first + 8], first_index=first))
+    np.testing.assert_array_equal(part, whole[first:first + 8])
+  assert not np.array_equal(np.asarray(aug(jax.random.key(3), x[8:16])), whole[8:16])
+
+
 def test_apply_without_augmentation_is_identity():
   x = marker_images(4)
   np.testing.assert_array_equal(augment.apply(jax.random.key(0), x), x)

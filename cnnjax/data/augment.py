@@ -2,7 +2,8 @@
 
 Images stay uint8 NHWC through augmentation (a quarter of float32's memory and transfer) and
 become float32 only in `normalize`. Every random choice is per image and comes from an explicit
-`rng` key, so the same key gives the same batch. The recipes match torchvision's:
+`rng` key folded with the image's index in the global batch, so the same key gives the same batch
+however it is split over devices (`first_index` says where a device's slice starts). The recipes match torchvision's:
 `random_crop(padding=4)` is `transforms.RandomCrop(32, padding=4)` (zero padding, i.e. black in
 uint8, or `padding_mode='reflect'`), `random_flip` is `RandomHorizontalFlip()`, and `normalize`
 is `ToTensor()` followed by `Normalize(mean / 255, std / 255)`. A zero-padded random crop is a
@@ -27,8 +28,13 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
   return (images.astype(jnp.float32) - mean) / std
 
 
+def per_image_keys(rng: jax.Array, count: int, first_index=0) -> jax.Array:
+  """One key per image: `rng` folded with the image's index in the global batch."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(first_index + jnp.arange(count))
+
+
 def random_crop(rng: jax.Array, images: jax.Array, padding: int,
-                mode: str = 'constant') -> jax.Array:
+                mode: str = 'constant', first_index=0) -> jax.Array:
   """Pads each image by `padding` pixels on every side, then crops back a random window.
 
   Args:
@@ -37,6 +43,8 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int,
     padding: pixels added on each side (static); 0 returns `images` unchanged.
     mode: 'constant' (zeros) or 'reflect' (mirror without repeating the edge, as
       torch's 'reflect'; needs padding < H and < W).
+    first_index: the index of `images[0]` in the global batch (non-zero on all devices but the
+      first under pmap).
 
   Returns:
     (N, H, W, C) of the same dtype; each image's window offset is drawn uniformly from
@@ -52,7 +60,8 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int,
   if mode == 'reflect' and (padding >= h or padding >= w):
     raise ConfigError(f'Reflect padding {padding} needs images larger than it, got {h}x{w}.')
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
-  offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
+  keys = per_image_keys(rng, n, first_index)
+  offsets = jax.vmap(lambda key: jax.random.randint(key, (2,), 0, 2 * padding + 1))(keys)
 
   def crop(image, offset):
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -60,21 +69,22 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int,
   return jax.vmap(crop)(padded, offsets)
 
 
-def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:
+def random_flip(rng: jax.Array, images: jax.Array, first_index=0) -> jax.Array:
   """Mirrors each image left-right with probability 0.5, independently per image."""
-  flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+  keys = per_image_keys(rng, images.shape[0], first_index)
+  flip = jax.vmap(lambda key: jax.random.bernoulli(key, 0.5))(keys)
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
 def apply(rng: jax.Array, images: jax.Array, crop_padding: int = 0,
-          pad_mode: str = 'constant', flip: bool = False) -> jax.Array:
+          pad_mode: str = 'constant', flip: bool = False, first_index=0) -> jax.Array:
   """The training augmentation of an experiment: random crop (if crop_padding > 0), then flip.
 
-  All arguments but `rng` and `images` are static (python values from the config), so
-  `jax.jit(functools.partial(apply, crop_padding=4, flip=True))` compiles once.
+  All arguments but `rng`, `images` and `first_index` are static (python values from the
+  config), so `jax.jit(functools.partial(apply, crop_padding=4, flip=True))` compiles once.
   """
   crop_rng, flip_rng = jax.random.split(rng)
-  images = random_crop(crop_rng, images, crop_padding, pad_mode)
+  images = random_crop(crop_rng, images, crop_padding, pad_mode, first_index)
   if flip:
-    images = random_flip(flip_rng, images)
+    images = random_flip(flip_rng, images, first_index)
   return images
