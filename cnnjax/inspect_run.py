@@ -11,13 +11,13 @@ import functools
 import pathlib
 import re
 
-import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, data, models, viz
+from cnnjax import checkpoint, data, layers, models, viz
 from cnnjax.data import augment
 from cnnjax.errors import CheckpointError, ConfigError
 
@@ -47,12 +47,28 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   return model, variables, dataset, step_dir
 
 
-def first_conv_kernel(params) -> tuple[str, np.ndarray]:
-  """('path', HWIO kernel) of the first convolution, in the order the model creates them."""
-  for path, value in flax.traverse_util.flatten_dict(params, sep='/').items():
-    if path.endswith('kernel') and np.ndim(value) == 4:
-      return path, np.asarray(value)
-  raise ConfigError('the model has no convolution kernel to draw.')
+def first_conv_kernel(model, variables, x: jax.Array) -> tuple[str, np.ndarray]:
+  """('path', HWIO kernel) of the first convolution the model applies to ``x``.
+
+  Forward order, seen by intercepting the layer calls of an abstract evaluation pass (nothing is
+  computed): a restored checkpoint's parameters come in sorted key order, which for airbench94
+  puts ``group1/conv1`` before the ``whiten`` conv that sees the image.
+  """
+  called = []
+
+  def intercept(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, layers.Conv2d):
+      called.append(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(intercept):
+    jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  if not called:
+    raise ConfigError(f'{type(model).__name__} has no convolution whose filters could be drawn.')
+  node = variables['params']
+  for key in called[0]:
+    node = node[key]
+  return '/'.join(called[0]), np.asarray(node['kernel'])
 
 
 def predict(model, variables, images: np.ndarray, labels: np.ndarray, mean, std,
@@ -87,8 +103,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, la
   paths = {'activations': viz.plot_activations(
       maps, out_dir / f'activations_{safe}.png', image=image[0],
       title=f'{layer} of test image {image_index} (class {name}), step {step_dir.name}')}
-  kernel_path, kernel = first_conv_kernel(variables['params'])
-  conv_name = re.sub(r'/kernel$', '', kernel_path)
+  conv_name, kernel = first_conv_kernel(model, variables, x)
   paths['filters'] = viz.plot_filters(kernel, out_dir / 'filters.png', title=f'{conv_name} filters')
   predictions = predict(model, variables, dataset.x_test, dataset.y_test, dataset.mean,
                         dataset.std, config.train.eval_batch_size)

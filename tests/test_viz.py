@@ -61,6 +61,28 @@ def test_activation_grid_and_dense_features(tmp_path):
     viz.plot_activations(np.zeros((2, 4, 4, 3)), tmp_path / 'x.png')
 
 
+@pytest.mark.parametrize('name, kwargs, first', [
+    ('airbench94', dict(widths=(4, 8, 8)), 'whiten'),   # sorted keys would give group1/conv1
+    ('small_resnet', {}, 'conv1'),
+])
+def test_first_conv_is_the_first_one_the_model_calls(name, kwargs, first):
+  import jax
+  from cnnjax import inspect_run, models
+  model = models.get_model(name, **kwargs)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+
+  def restored(tree):  # a checkpoint comes back with its keys sorted
+    if isinstance(tree, dict):
+      return {k: restored(tree[k]) for k in sorted(tree)}
+    return rng.normal(size=tree.shape).astype(np.float32)
+  variables = restored(dict(shapes))
+  path, kernel = inspect_run.first_conv_kernel(model, variables, x)
+  assert path == first
+  np.testing.assert_array_equal(kernel, variables['params'][first]['kernel'])
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A 40-step tiny convnet run on mnist5k, trained through the CLI from an experiment file."""
