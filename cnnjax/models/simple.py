@@ -1,7 +1,9 @@
-"""Two small CIFAR-sized CNNs: the PyTorch tutorial net and a conv+BN baseline (``convnet``).
+"""Three small CNNs: the PyTorch tutorial net and a conv+BN baseline (``convnet``) for CIFAR-sized
+images, and the quickstart's digit net (``mnist_cnn``) for 28x28.
 
-Flattening: these models flatten an NHWC feature map, so a ported PyTorch ``fc1`` weight (which
-saw an NCHW flatten) must have its input axis permuted, see cnnjax/models/common.py.
+Flattening: ``tutorial_net`` and ``mnist_cnn`` flatten an NHWC feature map, so a ported PyTorch
+``fc1`` weight (which saw an NCHW flatten) must have its input rows permuted from C,H,W to H,W,C
+order (`cnnjax.torchvision_weights.nchw_rows_to_nhwc`); ``convnet`` pools globally instead.
 """
 from __future__ import annotations
 
