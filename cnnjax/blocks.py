@@ -69,8 +69,10 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
   """ResNet-50/101/152 block: 1x1 reduce -> 3x3 (stride, v1.5) -> 1x1 expand (x4), + shortcut.
 
-  ``features`` is the bottleneck width (torchvision's ``planes``); the output has
-  ``4 * features`` channels.
+  ``features`` is torchvision's ``planes``; the output has ``4 * features`` channels. The inner
+  width is ``int(features * base_width / 64) * groups`` and the 3x3 conv has ``groups`` groups,
+  as in torchvision: ResNeXt is ``groups=32, base_width=4`` (32x4d), Wide ResNet
+  ``base_width=128``; the defaults (1, 64) are ResNet-50's plain bottleneck.
   """
   expansion: ClassVar[int] = 4
   features: int
@@ -78,14 +80,18 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = False
   conv: ModuleDef = ConvNoBias
   norm: ModuleDef = BatchNorm
+  groups: int = 1
+  base_width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     frozen = not train
     out_features = self.features * self.expansion
-    y = self.conv(self.features, kernel_size=1, name='conv1')(x)
+    width = int(self.features * (self.base_width / 64.0)) * self.groups
+    y = self.conv(width, kernel_size=1, name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y, frozen))
-    y = self.conv(self.features, kernel_size=3, stride=self.stride, padding=1, name='conv2')(y)
+    y = self.conv(width, kernel_size=3, stride=self.stride, padding=1, groups=self.groups,
+                  name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y, frozen))
     y = self.conv(out_features, kernel_size=1, name='conv3')(y)
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones

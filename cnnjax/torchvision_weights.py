@@ -42,6 +42,10 @@ NCHW_FLATTEN = {
     r'alexnet': ('classifier_1', (6, 6)),
 }
 
+# Auxiliary classifiers of torchvision's training-time heads: in its pretrained files, not part
+# of the inference model cnnjax builds, so their tensors are dropped (and said so, see aux_heads).
+AUX_HEADS = {'googlenet': ('aux1', 'aux2'), 'inception_v3': ('AuxLogits',)}
+
 SUFFIXES = ('.pth', '.pt', '.safetensors')
 
 # torchvision's ImageNet weights (IMAGENET1K_V1) for the models this map is tested on.
@@ -54,6 +58,13 @@ IMAGENET_FILES = {
     'vgg19': 'vgg19-dcbb9e9d.pth', 'vgg11_bn': 'vgg11_bn-6002323d.pth',
     'vgg13_bn': 'vgg13_bn-abd245e5.pth', 'vgg16_bn': 'vgg16_bn-6c64b313.pth',
     'vgg19_bn': 'vgg19_bn-c79401a0.pth',
+    'resnext50_32x4d': 'resnext50_32x4d-7cdf4587.pth',
+    'resnext101_32x8d': 'resnext101_32x8d-8ba56ff5.pth',
+    'resnext101_64x4d': 'resnext101_64x4d-173b62eb.pth',
+    'wide_resnet50_2': 'wide_resnet50_2-95faca4d.pth',
+    'wide_resnet101_2': 'wide_resnet101_2-32ee1156.pth',
+    'googlenet': 'googlenet-1378be20.pth', 'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
+    'efficientnet_b0': 'efficientnet_b0_rwightman-7f5810bc.pth',
 }
 TORCH_HUB_DIR = '~/.cache/torch/hub/checkpoints'  # where torchvision itself caches them
 
@@ -101,13 +112,24 @@ def nchw_rows_to_nhwc(kernel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
 
 
+def aux_heads(state_dict: dict[str, np.ndarray], model_name: str) -> list[str]:
+  """The auxiliary-classifier modules of `AUX_HEADS` present in ``state_dict`` (``convert``
+  drops their tensors)."""
+  return [head for head in AUX_HEADS.get(model_name, ())
+          if any(key.startswith(head + '.') for key in state_dict)]
+
+
 def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 'the file'
             ) -> dict[tuple[str, str], np.ndarray]:
   """{(collection, 'layer1_0/conv1/kernel'): array} from a torchvision state_dict.
 
-  Uses only array methods (transpose, reshape), so it also runs under `jax.eval_shape` to check
-  a state_dict's shapes against a model without materializing any weights.
+  Tensors of the model's auxiliary heads (`aux_heads`) are left out. Uses only array methods
+  (transpose, reshape), so it also runs under `jax.eval_shape` to check a state_dict's shapes
+  against a model without materializing any weights.
   """
+  heads = tuple(head + '.' for head in aux_heads(state_dict, model_name))
+  state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)} if heads else \
+      state_dict
   kinds = module_kinds(state_dict)
   flatten = _flatten_layer(model_name)
   out = {}

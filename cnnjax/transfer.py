@@ -6,8 +6,9 @@ source `transfer.init_from` is
 
 * a cnnjax checkpoint: a workdir, its `checkpoints/` directory, or one step directory in it;
 * a torchvision state_dict: `.safetensors` (no torch needed) or `.pth`/`.pt` (read with
-  `torch.load(weights_only=True)`), for resnet18/34/50/101/152, vgg11/13/16/19(_bn) and alexnet
-  (see cnnjax/torchvision_weights.py for the name map and layouts).
+  `torch.load(weights_only=True)`), for every torchvision model of the zoo (see
+  cnnjax/torchvision_weights.py for the name map and layouts; GoogLeNet's and Inception v3's
+  auxiliary classifiers in the file are ignored, and said so).
 
 Strict by default: every parameter and BatchNorm statistic of the model must be in the source with
 the same shape, and every array of the source must be used, unless its path matches one of
@@ -54,6 +55,10 @@ def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
     variables, step_dir = checkpoint.load_variables(path)
     return flatten_variables(variables), f'checkpoint {step_dir}'
   state_dict = torchvision_weights.read_state_dict(path)
+  heads = torchvision_weights.aux_heads(state_dict, model_name)
+  if heads and jax.process_index() == 0:
+    print(f'transfer: ignoring the auxiliary classifiers {", ".join(heads)} in {path} '
+          f'({model_name} is built without them).')
   return torchvision_weights.convert(state_dict, model_name, str(path)), f'weights file {path}'
 
 

@@ -17,14 +17,16 @@ import pytest
 
 pytest.importorskip('torchvision')  # skipped cleanly without the `torch` extra
 
+from cnnjax import torchvision_weights  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# googlenet: torchvision's file carries the auxiliary classifiers aux1/aux2 (ignored, said so).
 PARITY_MODELS = {'resnet18': ('pth', 2), 'resnet50': ('safetensors', 1),
-                 'vgg16_bn': ('pth', 1), 'alexnet': ('safetensors', 2)}
-ALL_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'alexnet',
-              'vgg11', 'vgg13', 'vgg16', 'vgg19', 'vgg11_bn', 'vgg13_bn', 'vgg16_bn', 'vgg19_bn')
+                 'vgg16_bn': ('pth', 1), 'alexnet': ('safetensors', 2), 'googlenet': ('pth', 1)}
+ALL_MODELS = tuple(torchvision_weights.IMAGENET_FILES)  # every model with official weights
 
 _SCRIPT = r'''
-import json, pickle, sys, time, pathlib
+import contextlib, io, json, pickle, sys, time, pathlib
 import torch, torchvision  # first: before anything can import TensorFlow
 import safetensors.torch
 import numpy as np
@@ -33,7 +35,7 @@ from cnnjax import models, torchvision_weights, transfer
 from cnnjax.checkpoint import CheckpointError
 
 out_dir = pathlib.Path(sys.argv[1])
-parity, fits, errors = {}, {}, {}
+parity, fits, errors, printed = {}, {}, {}, {}
 torch.manual_seed(0)
 for name, (kind, batch) in json.loads(sys.argv[2]).items():
   t0 = time.time()
@@ -55,8 +57,10 @@ for name, (kind, batch) in json.loads(sys.argv[2]).items():
   del net
   model = models.get_model(name, num_classes=1000)
   target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  variables = transfer.init_from_pretrained(
-      target, ml_collections.ConfigDict(dict(init_from=str(path), exclude=())), name)
+  with contextlib.redirect_stdout(io.StringIO()) as said:
+    variables = transfer.init_from_pretrained(
+        target, ml_collections.ConfigDict(dict(init_from=str(path), exclude=())), name)
+  printed[name] = said.getvalue()
   logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
   parity[name] = {'max_abs_rel': float(np.max(np.abs(logits - expected)) / np.max(np.abs(expected))),
@@ -67,7 +71,7 @@ for name, (kind, batch) in json.loads(sys.argv[2]).items():
 
 for name in json.loads(sys.argv[3]):  # shapes only: meta tensors, jax.eval_shape
   with torch.device('meta'):
-    net = getattr(torchvision.models, name)(num_classes=10)
+    net = getattr(torchvision.models, name)(num_classes=10)  # googlenet: with aux1/aux2
   shapes = {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for k, v in net.state_dict().items()}
   source = jax.eval_shape(lambda sd: torchvision_weights.convert(sd, name), shapes)
   model = models.get_model(name, num_classes=10)
@@ -91,7 +95,8 @@ for label, path in (('pickle', bad), ('suffix', out_dir / 'weights.npz')):
     errors[label] = 'no error'
   except CheckpointError as e:
     errors[label] = str(e)
-print('RESULT' + json.dumps({'parity': parity, 'fits': fits, 'errors': errors}))
+print('RESULT' + json.dumps({'parity': parity, 'fits': fits, 'errors': errors,
+                            'printed': printed}))
 '''
 
 
@@ -122,6 +127,12 @@ def test_logits_match_torchvision(results, name):
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_state_dict_maps_strictly(results, name):
   assert results['fits'][name] == 'ok'
+
+
+def test_googlenet_aux_heads_are_ignored_and_said_so(results):
+  assert 'ignoring the auxiliary classifiers aux1, aux2 in ' in results['printed']['googlenet']
+  assert results['printed']['googlenet'].count('\n') == 2  # that line, then 'initialized from'
+  assert results['printed']['resnet18'].count('\n') == 1
 
 
 def test_pth_is_never_unpickled_and_unknown_files_are_refused(results):

@@ -30,7 +30,8 @@ from cnnjax.models.googlenet import GoogLeNet
 from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mobilenet import MobileNetV2
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
-                                  ResNet152, SmallResNet)
+                                  ResNet152, ResNeXt50_32x4d, ResNeXt101_32x8d, ResNeXt101_64x4d,
+                                  SmallResNet, WideResNet50_2, WideResNet101_2)
 from cnnjax.models.simple import ConvNet, MnistCNN, TutorialNet
 from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
                                VGG19BN)
@@ -55,6 +56,11 @@ MODELS = {
     'resnet50': ResNet50,
     'resnet101': ResNet101,
     'resnet152': ResNet152,
+    'resnext50_32x4d': ResNeXt50_32x4d,
+    'resnext101_32x8d': ResNeXt101_32x8d,
+    'resnext101_64x4d': ResNeXt101_64x4d,
+    'wide_resnet50_2': WideResNet50_2,
+    'wide_resnet101_2': WideResNet101_2,
     'cifar_resnet18': CifarResNet18,
     'small_resnet': SmallResNet,
     'efficientnet_b0': EfficientNetB0,
