@@ -32,12 +32,23 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.model.kwargs = ml_collections.ConfigDict()  # architecture options of the chosen model
   c.data = ml_collections.ConfigDict(dict(
-      name='mnist5k',           # mnist5k | mnist | fashion_mnist | cifar10 | cifar100 | svhn_cropped | npz:<path> | folder:<path>
+      name='mnist5k',           # mnist5k | mnist | fashion_mnist | cifar10 | cifar100 | svhn_cropped | npz:<path> | folder:<path> | tfds:<name>
       data_dir='',              # tfds data dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
       classes=(),               # keep only these labels (relabelled 0..k-1); () = all
       crop_padding=0,           # random crop after padding by this many pixels (0 = off)
       pad_mode='constant',      # 'constant' (zeros) or 'reflect'
-      flip=False,               # random horizontal flip
+      flip=False,               # random horizontal flip (on the device; streamed with image_size > 0: on the host)
+      # Streaming (cnnjax/data/stream.py): datasets read batch by batch by grain workers.
+      pipeline='auto',          # 'memory' (whole splits in memory, augmented on the device) | 'stream' | 'auto' = stream when image_size > 0
+      image_size=0,             # > 0: train on random-resized crops of image_size^2, test on resize + center crop; 0 = images as stored
+      crop_scale=(0.08, 1.0),   # random-resized crop: range of its fraction of the image area
+      crop_ratio=(3 / 4, 4 / 3),  # ... and of its aspect ratio (width / height)
+      eval_crop_fraction=0.875,  # test: resize the short side to image_size / this, then center-crop image_size
+      mean=(),                  # per-channel normalization in [0, 255] units; () = from the training images
+      std=(),                   #   (streamed from files: estimated on a fixed sample of 1,000 of them)
+      workers=-1,               # streaming: worker processes that read, decode and augment (-1 = one per core, at most 16; 0 = none)
+      prefetch=2,               # streaming: batches each worker keeps ready
+      skip_bad_images=False,    # unreadable image files: skip them with a counted warning instead of stopping
   ))
   c.optimizer = optim.default_optimizer_config()
   c.schedule = schedules.default_schedule_config()

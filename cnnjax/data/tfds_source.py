@@ -117,7 +117,7 @@ def _not_available(name: str, data_dir: str, builder, urls: list[str]) -> DataEr
 
 
 @contextlib.contextmanager
-def _quiet_absl():
+def quiet_absl():
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)
@@ -132,14 +132,14 @@ def prepared_builder(name: str, data_dir: str | None = None, download: bool = Tr
   tfds = import_tfds()
   data_dir = resolve_data_dir(data_dir)
   try:
-    with _quiet_absl():  # "Variant folder ... has no dataset_info.json" is our error's job
+    with quiet_absl():  # "Variant folder ... has no dataset_info.json" is our error's job
       builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'tensorflow-datasets has no dataset named {name!r}.') from e
   except (ValueError, AssertionError) as e:  # a bad config or version in the name
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(f'tensorflow-datasets cannot build {name!r}: {first_line}') from e
-  with _quiet_absl():
+  with quiet_absl():
     if builder.is_prepared():
       return builder
   urls = _download_urls(name, builder)
