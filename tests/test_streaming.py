@@ -85,7 +85,7 @@ def test_folder_source_lists_every_image_with_its_label(tree):
 
 def test_streamed_batches_are_cropped_resized_and_labelled(tree):
   root, written = tree
-  s = stream.open_stream(data_config(f'folder:{root}', image_size=32, workers=0,
+  s = stream.open_stream(data_config(f'folder:{root}', image_size=32, workers=1,
                                      mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0)))
   assert s.image_shape == (32, 32, 3) and s.mean == (1.0, 2.0, 3.0)
   batches = s.train_batches(batch_size=4, steps_per_epoch=4, seed=0, start_step=0,
@@ -99,7 +99,12 @@ def test_streamed_batches_are_cropped_resized_and_labelled(tree):
   epoch0 = np.concatenate(seen[:4])
   assert len(set(epoch0)) == 16  # an epoch visits distinct examples (18 % 4 dropped)
   # Evaluation: each test image once, resized and center-cropped exactly as EvalTransform does.
-  evaluated = list(s.eval_batches(batch_size=4))
+  passes = s.eval_batches(batch_size=4)
+  evaluated = list(passes)
+  passes.rewind()  # the next evaluation reuses the workers: the same batches again
+  for again, first in zip(passes, evaluated, strict=True):
+    np.testing.assert_array_equal(again['image'], first['image'])
+  passes.close()
   assert [int(b['mask'].sum()) for b in evaluated] == [4, 4, 1]
   assert not evaluated[-1]['image'][1:].any()  # padding rows are zeros
   expected = transforms.EvalTransform(32, 3)(s.test[5]['image'])

@@ -28,6 +28,7 @@ import struct
 import threading
 import traceback
 import warnings
+import weakref
 import zlib
 from collections import deque
 from typing import Callable, Iterator
@@ -66,11 +67,16 @@ def local_share(batch_size: int, process_index: int, process_count: int) -> slic
   return slice(process_index * per, (process_index + 1) * per)
 
 
+@functools.lru_cache(maxsize=2)  # per process: the epoch being read, and the next one
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  return epoch_permutation(num_examples, seed, epoch)
+
+
 def train_rows(num_examples: int, batch_size: int, steps_per_epoch: int, seed: int, step: int,
                process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """Example indices of this process's rows of training batch `step`."""
   epoch, in_epoch = divmod(step, steps_per_epoch)
-  order = epoch_permutation(num_examples, seed, epoch)
+  order = _epoch_order(num_examples, seed, epoch)
   rows = np.sort(order[in_epoch * batch_size:(in_epoch + 1) * batch_size])
   return rows[local_share(batch_size, process_index, process_count)]
 
@@ -196,17 +202,28 @@ class Batches:
           num_workers=workers, per_worker_buffer_size=buffer),
           worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     self._iterator = iter(dataset)
+    # Closed by close(), or at exit while modules still exist (grain's helper iterators,
+    # left to interpreter shutdown, fail noisily in __del__).
+    self._finalizer = weakref.finalize(self, _close_iterator, self._iterator)
+    self._start_state = self._iterator.get_state()
     if resume:
       self._iterator.set_state(state['grain'])
     self.next_step = steps.start
     self.skipped, self.first_bad = 0, None
+
+  def rewind(self) -> None:
+    """Back to the first batch, keeping the workers (evaluation passes reuse one Batches:
+    starting workers costs seconds)."""
+    if self._iterator is None:
+      raise RuntimeError('rewind() of closed Batches.')
+    self._iterator.set_state(self._start_state)
+    self.next_step = self.steps.start
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
     if self.next_step >= self.steps.stop:
-      self.close()
       raise StopIteration
     # A copy out of grain's shared memory: the block is released now, not whenever the
     # last reference to the batch dies (possibly at interpreter exit).
@@ -235,16 +252,24 @@ class Batches:
             'workers': self.workers, 'grain': self._iterator.get_state()}
 
   def close(self) -> None:
-    """Stops the workers. (Also collects grain's helper iterators now: left to interpreter
-    exit, their __del__ fails noisily on half-torn-down modules.)"""
-    if self._iterator is not None:
-      self._iterator.close()
-      self._iterator = None
-      gc.collect()
+    """Stops the workers (also done at exit)."""
+    self._finalizer()
+    self._iterator = None
+
+  def __enter__(self) -> 'Batches':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
-def train_batches(source, transform, image_shape, *, batch_size: int, steps_per_epoch: int, seed: int,
-                  start_step: int, total_steps: int, workers: int, buffer: int = 2,
+def _close_iterator(iterator) -> None:
+  iterator.close()
+  gc.collect()  # grain's helper iterators go now, not at interpreter shutdown
+
+
+def train_batches(source, transform, image_shape, *, batch_size: int, steps_per_epoch: int,
+                  seed: int, start_step: int, total_steps: int, workers: int, buffer: int = 2,
                   skip_bad: bool = False, process_index: int = 0, process_count: int = 1,
                   state: dict | None = None) -> Batches:
   """This process's rows of training batches start_step .. total_steps - 1."""
@@ -289,9 +314,9 @@ def read_split(source, transform, image_shape, workers: int, batch_size: int = 2
   batches = -(-len(source) // batch_size)
   # One batch gains nothing from worker processes (they cost seconds to start).
   workers = 0 if batches == 1 else min(workers, batches)
-  for batch in eval_batches(source, transform, image_shape, batch_size=min(batch_size,
-                                                                          len(source)),
-                            workers=workers, skip_bad=skip_bad):
-    images.append(batch['image'][batch['mask']])
-    labels.append(batch['label'][batch['mask']])
+  with eval_batches(source, transform, image_shape, batch_size=min(batch_size, len(source)),
+                    workers=workers, skip_bad=skip_bad) as batches:
+    for batch in batches:
+      images.append(batch['image'][batch['mask']])
+      labels.append(batch['label'][batch['mask']])
   return np.concatenate(images), np.concatenate(labels)
