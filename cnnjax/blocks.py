@@ -256,3 +256,37 @@ class MBConv(nn.Module):
                            rng=self.make_rng('dropout') if use_rng else None)
       y = y + x
     return y
+
+
+class FusedMBConv(nn.Module):
+  """EfficientNetV2's fused inverted bottleneck, exactly torchvision's ``FusedMBConv``.
+
+  k x k conv (stride) to ``make_divisible(in * expand_ratio)`` + BN + SiLU -> 1x1 project + BN;
+  without expansion a single k x k conv + BN + SiLU to ``features``. Residual (through stochastic
+  depth) when stride 1 and ``in == features``. Names: ``block_0_0``/``block_0_1``,
+  ``block_1_0``/``block_1_1``.
+  """
+  features: int
+  expand_ratio: float = 4.0
+  kernel_size: int = 3
+  stride: int = 1
+  stochastic_depth_prob: float = 0.0
+  conv: ModuleDef = ConvNoBias
+  norm: ModuleDef = BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    in_channels = x.shape[-1]
+    expanded = make_divisible(in_channels * self.expand_ratio, 8)
+    layer = partial(conv_norm_act, train=train, conv=self.conv, norm=self.norm)
+    if expanded != in_channels:
+      y = layer(x, expanded, self.kernel_size, self.stride, name='block_0')
+      y = layer(y, self.features, 1, activation=None, name='block_1')
+    else:
+      y = layer(x, self.features, self.kernel_size, self.stride, name='block_0')
+    if self.stride == 1 and in_channels == self.features:
+      use_rng = train and self.stochastic_depth_prob > 0.0
+      y = stochastic_depth(y, self.stochastic_depth_prob, deterministic=not train,
+                           rng=self.make_rng('dropout') if use_rng else None)
+      y = y + x
+    return y

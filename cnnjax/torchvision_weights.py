@@ -42,6 +42,13 @@ NCHW_FLATTEN = {
     r'alexnet': ('classifier_1', (6, 6)),
 }
 
+# model name pattern -> (regex, replacement) applied to every key first: torchvision's own
+# renames of old checkpoints (DenseNet's pretrained files spell 'denselayer1.norm.1' for
+# 'denselayer1.norm1', which its loader fixes with this same regex).
+KEY_RENAMES = {
+    r'densenet\d+': ((r'(denselayer\d+\.(?:norm|relu|conv))\.([12])\.', r'\1\2.'),),
+}
+
 # Auxiliary classifiers of torchvision's training-time heads: in its pretrained files, not part
 # of the inference model cnnjax builds, so their tensors are dropped (and said so, see aux_heads).
 AUX_HEADS = {'googlenet': ('aux1', 'aux2'), 'inception_v3': ('AuxLogits',)}
@@ -65,6 +72,31 @@ IMAGENET_FILES = {
     'wide_resnet101_2': 'wide_resnet101_2-32ee1156.pth',
     'googlenet': 'googlenet-1378be20.pth', 'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
     'efficientnet_b0': 'efficientnet_b0_rwightman-7f5810bc.pth',
+    'efficientnet_b1': 'efficientnet_b1_rwightman-bac287d4.pth',
+    'efficientnet_b2': 'efficientnet_b2_rwightman-c35c1473.pth',
+    'efficientnet_b3': 'efficientnet_b3_rwightman-b3899882.pth',
+    'efficientnet_b4': 'efficientnet_b4_rwightman-23ab8bcd.pth',
+    'efficientnet_b5': 'efficientnet_b5_lukemelas-1a07897c.pth',
+    'efficientnet_b6': 'efficientnet_b6_lukemelas-24a108a5.pth',
+    'efficientnet_b7': 'efficientnet_b7_lukemelas-c5b4e57e.pth',
+    'efficientnet_v2_s': 'efficientnet_v2_s-dd5fe13b.pth',
+    'efficientnet_v2_m': 'efficientnet_v2_m-dc08266a.pth',
+    'efficientnet_v2_l': 'efficientnet_v2_l-59c71312.pth',
+    'mobilenet_v3_large': 'mobilenet_v3_large-8738ca79.pth',
+    'mobilenet_v3_small': 'mobilenet_v3_small-047dcff4.pth',
+    'squeezenet1_0': 'squeezenet1_0-b66bff10.pth',
+    'squeezenet1_1': 'squeezenet1_1-b8a52dc0.pth',
+    'shufflenet_v2_x0_5': 'shufflenetv2_x0.5-f707e7126e.pth',
+    'shufflenet_v2_x1_0': 'shufflenetv2_x1-5666bf0f80.pth',
+    'shufflenet_v2_x1_5': 'shufflenetv2_x1_5-3c479a10.pth',
+    'shufflenet_v2_x2_0': 'shufflenetv2_x2_0-8be3c8ee.pth',
+    'mnasnet0_75': 'mnasnet0_75-7090bc5f.pth',
+    'mnasnet1_0': 'mnasnet1.0_top1_73.512-f206786ef8.pth',
+    'mnasnet1_3': 'mnasnet1_3-a4c69d6f.pth',
+    'densenet121': 'densenet121-a639ec97.pth',
+    'densenet161': 'densenet161-8d451a50.pth',
+    'densenet169': 'densenet169-b2777c0a.pth',
+    'densenet201': 'densenet201-c1103571.pth',
 }
 TORCH_HUB_DIR = '~/.cache/torch/hub/checkpoints'  # where torchvision itself caches them
 
@@ -127,6 +159,10 @@ def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 't
   (transpose, reshape), so it also runs under `jax.eval_shape` to check a state_dict's shapes
   against a model without materializing any weights.
   """
+  for pattern, renames in KEY_RENAMES.items():
+    if re.fullmatch(pattern, model_name):
+      for old, new in renames:
+        state_dict = {re.sub(old, new, k): v for k, v in state_dict.items()}
   heads = tuple(head + '.' for head in aux_heads(state_dict, model_name))
   state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)} if heads else \
       state_dict

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.models import MODELS, ResNet, activations, get_model, layer_names, model_names
+from cnnjax.models import (MODELS, ResNet, _model_class, activations, get_model, layer_names,
+                           model_names)
 from torch_compare import compare, import_torch, init_key, torch_to_flax
 
 
@@ -71,6 +72,32 @@ PUBLISHED = {
     'cifar_resnet18': 11_173_962,   # the ResNet-18 of kuangliu/pytorch-cifar
     'efficientnet_b0': 5_288_548,
     'mobilenet_v2': 3_504_872,
+    'efficientnet_b1': 7_794_184,
+    'efficientnet_b2': 9_109_994,
+    'efficientnet_b3': 12_233_232,
+    'efficientnet_b4': 19_341_616,
+    'efficientnet_b5': 30_389_784,
+    'efficientnet_b6': 43_040_704,
+    'efficientnet_b7': 66_347_960,
+    'efficientnet_v2_s': 21_458_488,
+    'efficientnet_v2_m': 54_139_356,
+    'efficientnet_v2_l': 118_515_272,
+    'mobilenet_v3_large': 5_483_032,
+    'mobilenet_v3_small': 2_542_856,
+    'squeezenet1_0': 1_248_424,
+    'squeezenet1_1': 1_235_496,
+    'shufflenet_v2_x0_5': 1_366_792,
+    'shufflenet_v2_x1_0': 2_278_604,
+    'shufflenet_v2_x1_5': 3_503_624,
+    'shufflenet_v2_x2_0': 7_393_996,
+    'mnasnet0_5': 2_218_512,
+    'mnasnet0_75': 3_170_208,
+    'mnasnet1_0': 4_383_312,
+    'mnasnet1_3': 6_282_256,
+    'densenet121': 7_978_856,
+    'densenet161': 28_681_000,
+    'densenet169': 14_149_480,
+    'densenet201': 20_013_928,
     # Derived from the spec: conv(no bias)+BN stages 32, 64, 128; fc 256; fc 10.
     'convnet': (_conv(3, 32, 3) + _bn(32) + _conv(32, 64, 3) + _bn(64) + _conv(64, 128, 3)
                 + _bn(128) + _fc(128, 256) + _fc(256, 10)),
@@ -120,7 +147,27 @@ def test_parameter_count_and_output_shape(name):
   assert len(variables['intermediates']) > 3
 
 
-@pytest.mark.parametrize('name', list(MODELS))
+def _first_of_each_class(names):
+  seen, out = set(), []
+  for name in names:
+    cls = _model_class(MODELS[name])
+    if cls not in seen:
+      seen.add(cls)
+      out.append(name)
+  return out
+
+
+# The classic nets all, and one size of each zoo family added since (its other sizes differ
+# only in widths and depths; their shapes are traced by the count test above).
+CLASSIC = ['tutorial_net', 'lenet5', 'convnet', 'mnist_cnn', 'alexnet', 'vgg11', 'vgg13', 'vgg16',
+           'vgg19', 'vgg11_bn', 'vgg13_bn', 'vgg16_bn', 'vgg19_bn', 'googlenet', 'resnet18',
+           'resnet34', 'resnet50', 'resnet101', 'resnet152', 'cifar_resnet18', 'small_resnet',
+           'efficientnet_b0', 'mobilenet_v2', 'airbench94']
+TRAIN_TRACED = CLASSIC + [n for n in _first_of_each_class(MODELS) if n not in CLASSIC] + [
+    'resnext50_32x4d', 'efficientnet_v2_s']  # grouped bottlenecks; Fused-MBConv
+
+
+@pytest.mark.parametrize('name', TRAIN_TRACED)
 def test_train_mode_traces_with_dropout_rng(name):
   model, x, _, variables = abstract(name)
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}

@@ -6,6 +6,8 @@ test_torchvision_parity.py (shapes only, through jax.eval_shape and torch's meta
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -36,3 +38,65 @@ def test_grouped_width_needs_bottleneck_blocks():
   model = get_model('resnet18', groups=32, width_per_group=4)
   with pytest.raises(ConfigError, match='need Bottleneck blocks'):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize('name', ['mobilenet_v3_small', 'shufflenet_v2_x0_5', 'mnasnet0_5'])
+def test_mobile_nets_match_torchvision(name):
+  """The real architectures at 64x64 (dropout off so that train mode compares too)."""
+  kwargs = {} if name.startswith('shufflenet') else {'dropout': 0.0}
+  compare(_torchvision(name, num_classes=10, **kwargs), get_model(name, 10, **kwargs),
+          random_input((2, 64, 64, 3)))
+
+
+def test_squeezenet_matches_torchvision():
+  compare(_torchvision('squeezenet1_0', num_classes=10), get_model('squeezenet1_0', 10),
+          random_input((2, 64, 64, 3)), train_too=False)   # train mode: dropout differs
+
+
+def test_small_densenet_matches_torchvision():
+  """DenseNet's layout at a small growth rate and depth (every size's shapes are checked in
+  test_models.py)."""
+  import_torch()
+  from torchvision.models.densenet import DenseNet as TorchDenseNet
+  from cnnjax.models import DenseNet
+  config = dict(growth_rate=8, block_config=(2, 3, 2, 2), num_init_features=16, num_classes=10)
+  compare(TorchDenseNet(**config), DenseNet(**config), random_input((2, 64, 64, 3)))
+
+
+def test_small_efficientnet_v2_matches_torchvision():
+  """Fused-MBConv and MBConv stages, V2's 1280-channel head and BN eps 1e-3, scaled down."""
+  import_torch()
+  import torch
+  from torchvision.models.efficientnet import (EfficientNet as TorchEfficientNet,
+                                               FusedMBConvConfig, MBConvConfig)
+  from cnnjax.models import EfficientNet
+  stages = (('fused', 1, 3, 1, 16, 16, 2), ('fused', 4, 3, 2, 16, 24, 1),
+            ('mbconv', 4, 3, 2, 24, 32, 2))
+  config = {'fused': FusedMBConvConfig, 'mbconv': MBConvConfig}
+  torch_net = TorchEfficientNet([config[b](*rest) for b, *rest in stages], dropout=0.0,
+                                last_channel=1280, num_classes=10,
+                                norm_layer=lambda c: torch.nn.BatchNorm2d(c, eps=1e-3))
+  ours = EfficientNet(num_classes=10, stages=stages, last_channel=1280, bn_epsilon=1e-3,
+                      dropout=0.0, stochastic_depth_prob=0.0)
+  torch_net.eval()  # stochastic depth: torch's is on in train mode; compare eval only
+  compare(torch_net, ours, random_input((2, 32, 32, 3)), train_too=False)
+
+
+def test_densenet_files_with_torchvisions_old_key_names_map_strictly():
+  """torchvision's pretrained DenseNet files spell 'denselayer1.norm.1'; they map like new ones."""
+  import_torch()
+  import jax
+  import jax.numpy as jnp
+  import torch
+  import torchvision.models as tvm
+  from cnnjax import torchvision_weights, transfer
+  with torch.device('meta'):
+    state = tvm.densenet121(num_classes=10).state_dict()
+  old = {re.sub(r'(denselayer\d+\.(?:norm|relu|conv))([12])\.', r'\1.\2.', k):
+         jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for k, v in state.items()}
+  assert 'features.denseblock1.denselayer1.norm.1.weight' in old
+  source = jax.eval_shape(lambda sd: torchvision_weights.convert(sd, 'densenet121'), old)
+  model = get_model('densenet121', 10)
+  target = transfer.flatten_variables(
+      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert transfer.check_fits(target, source) == []

@@ -25,14 +25,23 @@ from cnnjax.errors import ConfigError
 from cnnjax.models.airbench import Airbench94
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.common import module_path
-from cnnjax.models.efficientnet import EfficientNet, EfficientNetB0
+from cnnjax.models.densenet import DenseNet, DenseNet121, DenseNet161, DenseNet169, DenseNet201
+from cnnjax.models.efficientnet import (EfficientNet, EfficientNetB0, EfficientNetB1,
+                                        EfficientNetB2, EfficientNetB3, EfficientNetB4,
+                                        EfficientNetB5, EfficientNetB6, EfficientNetB7,
+                                        EfficientNetV2S, EfficientNetV2M, EfficientNetV2L)
 from cnnjax.models.googlenet import GoogLeNet
 from cnnjax.models.lenet import LeNet5
+from cnnjax.models.mnasnet import MNASNet, MNASNet0_5, MNASNet0_75, MNASNet1_0, MNASNet1_3
 from cnnjax.models.mobilenet import MobileNetV2
+from cnnjax.models.mobilenet_v3 import MobileNetV3, MobileNetV3Large, MobileNetV3Small
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
                                   ResNet152, ResNeXt50_32x4d, ResNeXt101_32x8d, ResNeXt101_64x4d,
                                   SmallResNet, WideResNet50_2, WideResNet101_2)
+from cnnjax.models.shufflenet import (ShuffleNetV2, ShuffleNetV2x0_5, ShuffleNetV2x1_0,
+                                      ShuffleNetV2x1_5, ShuffleNetV2x2_0)
 from cnnjax.models.simple import ConvNet, MnistCNN, TutorialNet
+from cnnjax.models.squeezenet import SqueezeNet, SqueezeNet1_0, SqueezeNet1_1
 from cnnjax.models.vgg import (VGG, VGG11, VGG11BN, VGG13, VGG13BN, VGG16, VGG16BN, VGG19,
                                VGG19BN)
 
@@ -64,7 +73,33 @@ MODELS = {
     'cifar_resnet18': CifarResNet18,
     'small_resnet': SmallResNet,
     'efficientnet_b0': EfficientNetB0,
+    'efficientnet_b1': EfficientNetB1,
+    'efficientnet_b2': EfficientNetB2,
+    'efficientnet_b3': EfficientNetB3,
+    'efficientnet_b4': EfficientNetB4,
+    'efficientnet_b5': EfficientNetB5,
+    'efficientnet_b6': EfficientNetB6,
+    'efficientnet_b7': EfficientNetB7,
+    'efficientnet_v2_s': EfficientNetV2S,
+    'efficientnet_v2_m': EfficientNetV2M,
+    'efficientnet_v2_l': EfficientNetV2L,
     'mobilenet_v2': MobileNetV2,
+    'mobilenet_v3_large': MobileNetV3Large,
+    'mobilenet_v3_small': MobileNetV3Small,
+    'squeezenet1_0': SqueezeNet1_0,
+    'squeezenet1_1': SqueezeNet1_1,
+    'shufflenet_v2_x0_5': ShuffleNetV2x0_5,
+    'shufflenet_v2_x1_0': ShuffleNetV2x1_0,
+    'shufflenet_v2_x1_5': ShuffleNetV2x1_5,
+    'shufflenet_v2_x2_0': ShuffleNetV2x2_0,
+    'mnasnet0_5': MNASNet0_5,
+    'mnasnet0_75': MNASNet0_75,
+    'mnasnet1_0': MNASNet1_0,
+    'mnasnet1_3': MNASNet1_3,
+    'densenet121': DenseNet121,
+    'densenet161': DenseNet161,
+    'densenet169': DenseNet169,
+    'densenet201': DenseNet201,
     'airbench94': Airbench94,
 }
 
@@ -161,5 +196,6 @@ def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> j
 
 
 __all__ = ['MODELS', 'model_names', 'model_options', 'get_model', 'layer_names', 'activations',
-           'AlexNet', 'ConvNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MobileNetV2', 'ResNet',
-           'TutorialNet', 'VGG']
+           'AlexNet', 'ConvNet', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MNASNet',
+           'MobileNetV2', 'MobileNetV3', 'ResNet', 'ShuffleNetV2', 'SqueezeNet', 'TutorialNet',
+           'VGG']
