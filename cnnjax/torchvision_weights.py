@@ -4,8 +4,9 @@ A torchvision key maps by string rewriting (cnnjax's models mirror torchvision's
 cnnjax/models/common.py): a Sequential index joins its container with '_' (``layer1.0.conv1`` ->
 ``layer1_0/conv1``, ``features.0`` -> ``features_0``), every other '.' is a Flax scope, and the
 leaf is renamed by the kind of module it belongs to (`LEAVES`). The kind is read off the file
-itself: a module with a ``running_mean`` is a BatchNorm, a 4-D ``weight`` a Conv2d, a 2-D one a
-Linear. Tensor layouts: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out), and the first Linear
+itself: a module with a ``running_mean`` is a BatchNorm, a 1-D ``weight`` without one a
+LayerNorm (both map to ``scale``/``bias``), a 4-D ``weight`` a Conv2d, a 2-D one a Linear, and
+ConvNeXt's ``layer_scale`` (C, 1, 1) becomes a (C,) parameter. Tensor layouts: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out), and the first Linear
 after a flatten (`NCHW_FLATTEN`) gets its input rows reordered from torch's C,H,W flatten order
 to cnnjax's H,W,C.
 
@@ -34,6 +35,7 @@ LEAVES = {
     ('bn', 'running_mean'): ('batch_stats', 'mean', None),
     ('bn', 'running_var'): ('batch_stats', 'var', None),
     ('bn', 'num_batches_tracked'): None,
+    ('layer_scale', 'layer_scale'): ('params', 'layer_scale', 'flatten'),
 }
 
 # model name pattern -> (the Linear right after torch.flatten of an NCHW map, its (H, W)).
@@ -97,6 +99,23 @@ IMAGENET_FILES = {
     'densenet161': 'densenet161-8d451a50.pth',
     'densenet169': 'densenet169-b2777c0a.pth',
     'densenet201': 'densenet201-c1103571.pth',
+    'regnet_y_400mf': 'regnet_y_400mf-c65dace8.pth',
+    'regnet_y_800mf': 'regnet_y_800mf-1b27b58c.pth',
+    'regnet_y_1_6gf': 'regnet_y_1_6gf-b11a554e.pth',
+    'regnet_y_3_2gf': 'regnet_y_3_2gf-b5a9779c.pth',
+    'regnet_y_8gf': 'regnet_y_8gf-d0d0e4a8.pth',
+    'regnet_y_16gf': 'regnet_y_16gf-9e6ed7dd.pth',
+    'regnet_y_32gf': 'regnet_y_32gf-4dee3f7a.pth',
+    'regnet_y_128gf': 'regnet_y_128gf_swag-c8ce3e52.pth',
+    'regnet_x_400mf': 'regnet_x_400mf-adf1edd5.pth',
+    'regnet_x_800mf': 'regnet_x_800mf-ad17e45c.pth',
+    'regnet_x_1_6gf': 'regnet_x_1_6gf-e3633e7f.pth',
+    'regnet_x_3_2gf': 'regnet_x_3_2gf-f342aeae.pth',
+    'regnet_x_8gf': 'regnet_x_8gf-03ceed89.pth',
+    'regnet_x_16gf': 'regnet_x_16gf-2007eb11.pth',
+    'regnet_x_32gf': 'regnet_x_32gf-9d47f8d0.pth',
+    'convnext_tiny': 'convnext_tiny-983f1562.pth', 'convnext_small': 'convnext_small-0c510722.pth',
+    'convnext_base': 'convnext_base-6075fbad.pth', 'convnext_large': 'convnext_large-ea097f82.pth',
 }
 TORCH_HUB_DIR = '~/.cache/torch/hub/checkpoints'  # where torchvision itself caches them
 
@@ -122,6 +141,8 @@ def module_kinds(state_dict: dict[str, np.ndarray]) -> dict[str, str]:
     module, _, leaf = key.rpartition('.')
     if leaf == 'running_mean':
       kinds[module] = 'bn'
+    elif leaf == 'layer_scale':  # ConvNeXt's CNBlock: a (C, 1, 1) parameter of its own
+      kinds[module] = 'layer_scale'
     elif leaf == 'weight' and kinds.get(module) != 'bn':
       kinds[module] = {4: 'conv', 2: 'linear', 1: 'bn'}.get(len(value.shape), 'unknown')
   return kinds
@@ -181,6 +202,8 @@ def convert(state_dict: dict[str, np.ndarray], model_name: str, source: str = 't
     collection, leaf_name, layout = rule
     if layout == 'oihw_to_hwio':
       value = value.transpose(2, 3, 1, 0)
+    elif layout == 'flatten':
+      value = value.reshape(-1)
     elif layout == 'transpose':
       value = value.T
       if flatten and module_path(module) == flatten[0]:

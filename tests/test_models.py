@@ -17,7 +17,7 @@ import pytest
 
 from cnnjax.models import (MODELS, ResNet, _model_class, activations, get_model, layer_names,
                            model_names)
-from torch_compare import compare, import_torch, init_key, torch_to_flax
+from torch_compare import compare, import_torch, init_key, torch_to_flax, torchvision_on_meta
 
 
 def _conv(cin, cout, k, bias=False):
@@ -98,6 +98,25 @@ PUBLISHED = {
     'densenet161': 28_681_000,
     'densenet169': 14_149_480,
     'densenet201': 20_013_928,
+    'regnet_y_400mf': 4_344_144,
+    'regnet_y_800mf': 6_432_512,
+    'regnet_y_1_6gf': 11_202_430,
+    'regnet_y_3_2gf': 19_436_338,
+    'regnet_y_8gf': 39_381_472,
+    'regnet_y_16gf': 83_590_140,
+    'regnet_y_32gf': 145_046_770,
+    'regnet_y_128gf': 644_812_894,
+    'regnet_x_400mf': 5_495_976,
+    'regnet_x_800mf': 7_259_656,
+    'regnet_x_1_6gf': 9_190_136,
+    'regnet_x_3_2gf': 15_296_552,
+    'regnet_x_8gf': 39_572_648,
+    'regnet_x_16gf': 54_278_536,
+    'regnet_x_32gf': 107_811_560,
+    'convnext_tiny': 28_589_128,
+    'convnext_small': 50_223_688,
+    'convnext_base': 88_591_464,
+    'convnext_large': 197_767_336,
     # Derived from the spec: conv(no bias)+BN stages 32, 64, 128; fc 256; fc 10.
     'convnet': (_conv(3, 32, 3) + _bn(32) + _conv(32, 64, 3) + _bn(64) + _conv(64, 128, 3)
                 + _bn(128) + _fc(128, 256) + _fc(256, 10)),
@@ -181,12 +200,10 @@ def test_train_mode_traces_with_dropout_rng(name):
 def test_torchvision_counts_and_names_match():
   """torchvision's own models: same count, and its state_dict maps onto our variables by the
   naming rule of cnnjax/models/common.py with every name and shape matching."""
-  torch = import_torch()
-  import torchvision.models as tvm
+  import_torch()
   for name in TORCHVISION:
     kwargs = {'aux_logits': False, 'init_weights': False} if name == 'googlenet' else {}
-    with torch.device('meta'):
-      tv_model = getattr(tvm, name)(**kwargs)
+    tv_model = torchvision_on_meta(name, **kwargs)
     assert sum(p.numel() for p in tv_model.parameters()) == PUBLISHED[name], name
     _, _, _, variables = abstract(name)
     ours = {k: v for k, v in variables.items() if k != 'intermediates'}

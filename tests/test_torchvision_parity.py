@@ -33,6 +33,8 @@ import numpy as np
 import jax, jax.numpy as jnp, ml_collections
 from cnnjax import models, torchvision_weights, transfer
 from cnnjax.checkpoint import CheckpointError
+sys.path.insert(0, 'tests')
+from torch_compare import torchvision_on_meta
 
 out_dir = pathlib.Path(sys.argv[1])
 parity, fits, errors, printed = {}, {}, {}, {}
@@ -70,8 +72,7 @@ for name, (kind, batch) in json.loads(sys.argv[2]).items():
   path.unlink()
 
 for name in json.loads(sys.argv[3]):  # shapes only: meta tensors, jax.eval_shape
-  with torch.device('meta'):
-    net = getattr(torchvision.models, name)(num_classes=10)  # googlenet: with aux1/aux2
+  net = torchvision_on_meta(name, num_classes=10)  # googlenet: with aux1/aux2
   shapes = {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for k, v in net.state_dict().items()}
   source = jax.eval_shape(lambda sd: torchvision_weights.convert(sd, name), shapes)
   model = models.get_model(name, num_classes=10)

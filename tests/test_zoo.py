@@ -100,3 +100,48 @@ def test_densenet_files_with_torchvisions_old_key_names_map_strictly():
   target = transfer.flatten_variables(
       jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   assert transfer.check_fits(target, source) == []
+
+
+def test_regnet_y_matches_torchvision():
+  """RegNetY-400MF (grouped convs, SE, projections) at 64x64, eval and train."""
+  compare(_torchvision('regnet_y_400mf', num_classes=10), get_model('regnet_y_400mf', 10),
+          random_input((2, 64, 64, 3)))
+
+
+def _imported(torch_module, name):
+  """cnnjax variables from ``torch_module``'s state_dict through cnnjax.torchvision_weights."""
+  import flax
+  from cnnjax import torchvision_weights
+  state = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
+  flat = torchvision_weights.convert(state, name)
+  out = {}
+  for collection in {c for c, _ in flat}:
+    out[collection] = flax.traverse_util.unflatten_dict(
+        {path: v for (c, path), v in flat.items() if c == collection}, sep='/')
+  return out
+
+
+def test_small_convnext_matches_torchvision_through_the_weight_import():
+  """LayerNorm, layer scale and the downsampling layers, imported by torchvision_weights
+  (ConvNeXt has no BatchNorm; every size's shapes are checked in test_models.py)."""
+  import_torch()
+  import jax
+  import chex
+  import torch
+  from torchvision.models.convnext import CNBlockConfig, ConvNeXt as TorchConvNeXt
+  from cnnjax.models import ConvNeXt
+  torch.manual_seed(0)
+  torch_net = TorchConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)],
+                            num_classes=10).eval()
+  with torch.no_grad():  # non-trivial LayerNorm affines and layer scales
+    for key, value in torch_net.state_dict().items():
+      if value.ndim != 2 and value.ndim != 4:
+        value.copy_(torch.rand_like(value) + 0.5)
+  ours = ConvNeXt(num_classes=10, stages=((16, 2), (32, 2)))
+  x = random_input((2, 32, 32, 3))
+  variables = _imported(torch_net, 'convnext_tiny')
+  chex.assert_trees_all_equal_shapes(jax.eval_shape(ours.init, jax.random.key(0), x), variables)
+  with torch.no_grad():
+    expected = torch_net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  got = jax.jit(lambda v, x: ours.apply(v, x))(variables, x)
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

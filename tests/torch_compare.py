@@ -56,7 +56,11 @@ def torch_to_flax(module, as_shapes: bool = False) -> dict:
       continue
     path = re.sub(r'\.(\d+)', r'_\1', owner).split('.')
     kind = kinds[owner]
-    if isinstance(kind, torch.nn.Conv2d):
+    if leaf == 'layer_scale':  # ConvNeXt's (C, 1, 1) parameter is (C,) here
+      put('params', path + ['layer_scale'], tensor.reshape(-1))
+    elif isinstance(kind, torch.nn.LayerNorm):
+      put('params', path + [{'weight': 'scale', 'bias': 'bias'}[leaf]], tensor)
+    elif isinstance(kind, torch.nn.Conv2d):
       if leaf == 'weight':
         put('params', path + ['kernel'], tensor, (2, 3, 1, 0))
       else:
@@ -132,3 +136,25 @@ def init_key(seed: int = 0) -> jax.Array:
 
 def random_input(shape) -> np.ndarray:
   return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def torchvision_on_meta(name: str, **kwargs):
+  """torchvision model ``name`` on torch's 'meta' device (shapes only, nothing allocated).
+
+  RegNet's builder computes its stage widths with torch ops (``.tolist()``), which cannot run on
+  meta tensors: that one step runs on the CPU.
+  """
+  torch = sys.modules['torch']
+  import torchvision.models as tvm
+  from torchvision.models.regnet import BlockParams
+  design = BlockParams.__dict__['from_init_params'].__func__
+
+  def on_cpu(cls, *args, **kw):
+    with torch.device('cpu'):
+      return design(cls, *args, **kw)
+  BlockParams.from_init_params = classmethod(on_cpu)
+  try:
+    with torch.device('meta'):
+      return getattr(tvm, name)(**kwargs)
+  finally:
+    BlockParams.from_init_params = classmethod(design)

@@ -25,6 +25,8 @@ from cnnjax.errors import ConfigError
 from cnnjax.models.airbench import Airbench94
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.common import module_path
+from cnnjax.models.convnext import (ConvNeXt, ConvNeXtBase, ConvNeXtLarge, ConvNeXtSmall,
+                                    ConvNeXtTiny)
 from cnnjax.models.densenet import DenseNet, DenseNet121, DenseNet161, DenseNet169, DenseNet201
 from cnnjax.models.efficientnet import (EfficientNet, EfficientNetB0, EfficientNetB1,
                                         EfficientNetB2, EfficientNetB3, EfficientNetB4,
@@ -35,6 +37,7 @@ from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mnasnet import MNASNet, MNASNet0_5, MNASNet0_75, MNASNet1_0, MNASNet1_3
 from cnnjax.models.mobilenet import MobileNetV2
 from cnnjax.models.mobilenet_v3 import MobileNetV3, MobileNetV3Large, MobileNetV3Small
+from cnnjax.models.regnet import REGNETS, RegNet
 from cnnjax.models.resnet import (CifarResNet18, ResNet, ResNet18, ResNet34, ResNet50, ResNet101,
                                   ResNet152, ResNeXt50_32x4d, ResNeXt101_32x8d, ResNeXt101_64x4d,
                                   SmallResNet, WideResNet50_2, WideResNet101_2)
@@ -100,6 +103,11 @@ MODELS = {
     'densenet161': DenseNet161,
     'densenet169': DenseNet169,
     'densenet201': DenseNet201,
+    **REGNETS,
+    'convnext_tiny': ConvNeXtTiny,
+    'convnext_small': ConvNeXtSmall,
+    'convnext_base': ConvNeXtBase,
+    'convnext_large': ConvNeXtLarge,
     'airbench94': Airbench94,
 }
 
@@ -196,6 +204,6 @@ def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> j
 
 
 __all__ = ['MODELS', 'model_names', 'model_options', 'get_model', 'layer_names', 'activations',
-           'AlexNet', 'ConvNet', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MNASNet',
-           'MobileNetV2', 'MobileNetV3', 'ResNet', 'ShuffleNetV2', 'SqueezeNet', 'TutorialNet',
+           'AlexNet', 'ConvNet', 'ConvNeXt', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MNASNet',
+           'MobileNetV2', 'MobileNetV3', 'RegNet', 'ResNet', 'ShuffleNetV2', 'SqueezeNet', 'TutorialNet',
            'VGG']
