@@ -139,6 +139,14 @@ class Dataset:
     """(H, W, C) of one image."""
     return tuple(self.x_train.shape[1:])
 
+  @property
+  def num_train(self) -> int:
+    return len(self.x_train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.x_test)
+
   def select_classes(self, classes: Sequence[int], relabel: bool = True) -> Dataset:
     """Keeps only the examples of `classes` in both splits (e.g. digits 0-4 for a transfer demo).
 

@@ -71,6 +71,20 @@ class Stream:
   def class_names(self) -> tuple[str, ...]:
     return self.info.class_names
 
+  @property
+  def num_train(self) -> int:
+    return len(self.train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test)
+
+  @property
+  def flips_on_host(self) -> bool:
+    """Whether training images are mirrored here (with the crop) instead of on the device."""
+    return isinstance(self.train_transform, transforms.TrainTransform) and \
+        self.train_transform.flip
+
   def describe(self) -> str:
     h, w, c = self.image_shape
     return (f'data: {self.name} {len(self.train)} train / {len(self.test)} test, streamed as '
