@@ -14,6 +14,7 @@ _runtime.configure_cpu()  # XLA:CPU flags + compilation cache: must run before J
 from cnnjax import layers  # noqa: E402
 from cnnjax.models import activations, get_model, model_names  # noqa: E402
 from cnnjax.summary import summary  # noqa: E402
+from cnnjax.zoo import pretrained  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['layers', 'get_model', 'model_names', 'activations', 'summary']
+__all__ = ['layers', 'get_model', 'model_names', 'activations', 'summary', 'pretrained']

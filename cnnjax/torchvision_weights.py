@@ -72,7 +72,7 @@ IMAGENET_FILES = {
     'resnext101_64x4d': 'resnext101_64x4d-173b62eb.pth',
     'wide_resnet50_2': 'wide_resnet50_2-95faca4d.pth',
     'wide_resnet101_2': 'wide_resnet101_2-32ee1156.pth',
-    'googlenet': 'googlenet-1378be20.pth', 'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
+    'googlenet': 'googlenet-1378be20.pth', 'inception_v3': 'inception_v3_google-0cc3c7bd.pth', 'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
     'efficientnet_b0': 'efficientnet_b0_rwightman-7f5810bc.pth',
     'efficientnet_b1': 'efficientnet_b1_rwightman-bac287d4.pth',
     'efficientnet_b2': 'efficientnet_b2_rwightman-c35c1473.pth',

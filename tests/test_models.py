@@ -59,6 +59,7 @@ PUBLISHED = {
     'vgg16_bn': 138_365_992,
     'vgg19_bn': 143_678_248,
     'googlenet': 6_624_904,
+    'inception_v3': 23_834_568,   # torchvision's 27,161,264 less the AuxLogits head
     'resnet18': 11_689_512,
     'resnet34': 21_797_672,
     'resnet50': 25_557_032,
@@ -202,7 +203,8 @@ def test_torchvision_counts_and_names_match():
   naming rule of cnnjax/models/common.py with every name and shape matching."""
   import_torch()
   for name in TORCHVISION:
-    kwargs = {'aux_logits': False, 'init_weights': False} if name == 'googlenet' else {}
+    kwargs = ({'aux_logits': False, 'init_weights': False}
+              if name in ('googlenet', 'inception_v3') else {})
     tv_model = torchvision_on_meta(name, **kwargs)
     assert sum(p.numel() for p in tv_model.parameters()) == PUBLISHED[name], name
     _, _, _, variables = abstract(name)

@@ -22,7 +22,8 @@ from cnnjax import torchvision_weights  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # googlenet: torchvision's file carries the auxiliary classifiers aux1/aux2 (ignored, said so).
 PARITY_MODELS = {'resnet18': ('pth', 2), 'resnet50': ('safetensors', 1),
-                 'vgg16_bn': ('pth', 1), 'alexnet': ('safetensors', 2), 'googlenet': ('pth', 1)}
+                 'vgg16_bn': ('pth', 1), 'alexnet': ('safetensors', 2), 'googlenet': ('pth', 1),
+                 'mobilenet_v3_small': ('safetensors', 2), 'squeezenet1_1': ('pth', 2)}
 ALL_MODELS = tuple(torchvision_weights.IMAGENET_FILES)  # every model with official weights
 
 _SCRIPT = r'''
@@ -77,7 +78,7 @@ for name in json.loads(sys.argv[3]):  # shapes only: meta tensors, jax.eval_shap
   source = jax.eval_shape(lambda sd: torchvision_weights.convert(sd, name), shapes)
   model = models.get_model(name, num_classes=10)
   target = transfer.flatten_variables(jax.eval_shape(model.init, jax.random.key(0),
-                                                     jnp.zeros((1, 64, 64, 3))))
+                                                     jnp.zeros((1, 96, 96, 3))))  # inception_v3: >= 75
   try:
     fresh = transfer.check_fits(target, source, (), name, name)
     fits[name] = 'ok' if not fresh else f'fresh {fresh}'

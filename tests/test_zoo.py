@@ -145,3 +145,46 @@ def test_small_convnext_matches_torchvision_through_the_weight_import():
     expected = torch_net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   got = jax.jit(lambda v, x: ours.apply(v, x))(variables, x)
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_inception_v3_matches_torchvision():
+  """At 80x80 (it needs 75x75); eval mode: at this size the last map is 1x1, too few values
+  for batch statistics to compare well."""
+  compare(_torchvision('inception_v3', num_classes=10, aux_logits=False, init_weights=False),
+          get_model('inception_v3', 10), random_input((2, 80, 80, 3)), train_too=False)
+
+
+def test_pretrained_loads_torchvision_weights_and_replaces_a_mismatched_head(tmp_path, capsys):
+  """cnnjax.pretrained on a torchvision file: the same logits; with another class count a fresh
+  head (SqueezeNet's is a conv), said so, everything else loaded; a missing file names the URL."""
+  import_torch()
+  import jax
+  import torch
+  from cnnjax.errors import CheckpointError
+  from cnnjax.zoo import pretrained
+  net = _torchvision('squeezenet1_1').eval()
+  path = tmp_path / 'squeezenet1_1.pth'
+  torch.save(net.state_dict(), path)
+  x = random_input((2, 64, 64, 3))
+  with torch.no_grad():
+    expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  model, variables = pretrained('squeezenet1_1', weights=path)
+  apply = jax.jit(lambda v, x: model.apply(v, x))
+  np.testing.assert_allclose(apply(variables, x), expected, atol=1e-4, rtol=1e-4)
+  assert 'pretrained:' not in capsys.readouterr().out
+
+  model10, variables10 = pretrained('squeezenet1_1', weights=path, num_classes=10)
+  said = capsys.readouterr().out
+  assert said == (f'pretrained: squeezenet1_1 loaded from weights file {path}; the classifier '
+                  f'classifier_1 is freshly initialized for 10 classes.\n')
+  params, params10 = variables['params'], variables10['params']
+  assert params10['classifier_1']['kernel'].shape == (1, 1, 512, 10)
+  np.testing.assert_array_equal(params10['features_3']['squeeze']['kernel'],
+                                params['features_3']['squeeze']['kernel'])
+  assert model10.apply(variables10, x[:1]).shape == (1, 10)
+
+  missing = tmp_path / 'hub' / 'resnet18-f37072fd.pth'
+  with pytest.raises(CheckpointError, match='https://download.pytorch.org/models/resnet18-'):
+    pretrained('resnet18', weights=missing)
+  with pytest.raises(ConfigError, match='has no official torchvision weights'):
+    pretrained('small_resnet')

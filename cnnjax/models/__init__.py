@@ -33,6 +33,7 @@ from cnnjax.models.efficientnet import (EfficientNet, EfficientNetB0, EfficientN
                                         EfficientNetB5, EfficientNetB6, EfficientNetB7,
                                         EfficientNetV2S, EfficientNetV2M, EfficientNetV2L)
 from cnnjax.models.googlenet import GoogLeNet
+from cnnjax.models.inception import InceptionV3
 from cnnjax.models.lenet import LeNet5
 from cnnjax.models.mnasnet import MNASNet, MNASNet0_5, MNASNet0_75, MNASNet1_0, MNASNet1_3
 from cnnjax.models.mobilenet import MobileNetV2
@@ -63,6 +64,7 @@ MODELS = {
     'vgg16_bn': VGG16BN,
     'vgg19_bn': VGG19BN,
     'googlenet': GoogLeNet,
+    'inception_v3': InceptionV3,
     'resnet18': ResNet18,
     'resnet34': ResNet34,
     'resnet50': ResNet50,
@@ -204,6 +206,6 @@ def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> j
 
 
 __all__ = ['MODELS', 'model_names', 'model_options', 'get_model', 'layer_names', 'activations',
-           'AlexNet', 'ConvNet', 'ConvNeXt', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'LeNet5', 'MNASNet',
+           'AlexNet', 'ConvNet', 'ConvNeXt', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'InceptionV3', 'LeNet5', 'MNASNet',
            'MobileNetV2', 'MobileNetV3', 'RegNet', 'ResNet', 'ShuffleNetV2', 'SqueezeNet', 'TutorialNet',
            'VGG']
