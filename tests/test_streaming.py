@@ -22,7 +22,7 @@ from PIL import Image
 
 from cnnjax.config import base_config
 from cnnjax.errors import ConfigError
-from cnnjax.data import (DataError, load_dataset, loader, sources, stream, train_batches,
+from cnnjax.data import (DataError, batching, load_dataset, loader, sources, stream, train_batches,
                          transforms)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_streamed_batches_are_cropped_resized_and_labelled(tree):
   seen = []
   for step, batch in enumerate(batches):
     assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.uint8
-    rows = loader.train_rows(len(s.train), 4, 4, 0, step)
+    rows = batching.train_rows(len(s.train), 4, 4, 0, step)
     np.testing.assert_array_equal(batch['label'], s.train.labels[rows])
     seen.append(rows)
   epoch0 = np.concatenate(seen[:4])
@@ -159,20 +159,20 @@ def _with(config, **values):
 def test_multi_host_rows_are_disjoint_and_cover_every_batch():
   n, batch, steps = 103, 12, 8   # 8 full batches per epoch, 7 examples dropped per epoch
   for step in range(2 * steps):
-    parts = [loader.train_rows(n, batch, steps, 5, step, p, 3) for p in range(3)]
-    whole = loader.train_rows(n, batch, steps, 5, step)
+    parts = [batching.train_rows(n, batch, steps, 5, step, p, 3) for p in range(3)]
+    whole = batching.train_rows(n, batch, steps, 5, step)
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert len(set(np.concatenate(parts))) == batch
   for epoch in (0, 1):
-    seen = np.concatenate([loader.train_rows(n, batch, steps, 5, epoch * steps + k)
+    seen = np.concatenate([batching.train_rows(n, batch, steps, 5, epoch * steps + k)
                            for k in range(steps)])
     assert len(set(seen)) == steps * batch  # no example twice in an epoch
-  evals = [np.concatenate([loader.eval_rows(n, 20, b, p, 2) for p in range(2)])
+  evals = [np.concatenate([batching.eval_rows(n, 20, b, p, 2) for p in range(2)])
            for b in range(6)]
   real = np.concatenate(evals)
   np.testing.assert_array_equal(np.sort(real[real >= 0]), np.arange(n))  # each exactly once
   with pytest.raises(ConfigError, match='does not divide over 5 processes'):
-    loader.train_rows(n, 12, steps, 0, 0, 0, 5)
+    batching.train_rows(n, 12, steps, 0, 0, 0, 5)
 
 
 def test_mean_and_std_are_estimated_on_a_fixed_sample_when_streaming_files(tree):
@@ -392,7 +392,7 @@ def test_a_tfds_dataset_in_array_record_streams_without_tensorflow(tmp_path):
   labels = np.asarray(result['records'])  # tfds shuffles the examples when it prepares them
   assert sorted(labels) == [0] * 5 + [1] * 5
   for step, got in enumerate(result['labels']):
-    np.testing.assert_array_equal(got, labels[loader.train_rows(10, 4, 2, 0, step)])
+    np.testing.assert_array_equal(got, labels[batching.train_rows(10, 4, 2, 0, step)])
   assert result['masks'] == [3, 1]
   refused = result['refused']
   assert 'prepared as tfrecord' in refused and "file_format='array_record'" in refused

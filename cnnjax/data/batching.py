@@ -1,17 +1,20 @@
 """Host-side batching: a deterministic, resumable shuffle for training; padded, masked eval.
 
 Training order depends only on (seed, epoch), so a run resumed at step k of an epoch sees
-exactly the batches it would have seen. Evaluation visits every example exactly once: the
+exactly the batches it would have seen. `train_rows` / `eval_rows` are the same order as
+example indices, per process: what the streaming loader reads (cnnjax/data/loader.py). Evaluation visits every example exactly once: the
 last partial batch is padded to the full batch size (one compiled shape) and `mask` marks the
 real rows, so metrics are sums over masked rows divided by `mask.sum()`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
 
 from cnnjax.data.dataset import DataError
+from cnnjax.errors import BatchSplitError
 
 
 def _check_batch_size(n: int, batch_size: int) -> None:
@@ -58,9 +61,8 @@ def train_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoc
   steps = steps_per_epoch(n, batch_size)
   if not 0 <= start_step <= steps:
     raise DataError(f'start_step {start_step} is outside [0, {steps}] (steps per epoch).')
-  order = epoch_permutation(n, seed, epoch)
   for step in range(start_step, steps):
-    idx = np.sort(order[step * batch_size:(step + 1) * batch_size])  # sorted: faster gather
+    idx = train_rows(n, batch_size, steps, seed, epoch * steps + step)  # sorted: faster gather
     yield {'image': x[idx], 'label': y[idx]}
 
 
@@ -92,3 +94,35 @@ def eval_batches(x: np.ndarray, y: np.ndarray,
       label = np.concatenate([label, np.zeros((pad,) + label.shape[1:], label.dtype)])
       mask[real:] = False
     yield {'image': image, 'label': label, 'mask': mask}
+
+
+def process_share(batch_size: int, process_index: int, process_count: int) -> slice:
+  """Process `process_index`'s contiguous rows of every global batch (`parallel.process_rows`
+  is this for the running processes)."""
+  if batch_size % process_count:
+    raise BatchSplitError(f'a global batch of {batch_size} rows does not divide over '
+                          f'{process_count} processes.')
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+@functools.lru_cache(maxsize=2)  # the epoch being read (and the next): one permutation each
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  return epoch_permutation(num_examples, seed, epoch)
+
+
+def train_rows(num_examples: int, batch_size: int, steps_per_epoch: int, seed: int, step: int,
+               process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Example indices of this process's rows of training batch `step`."""
+  epoch, in_epoch = divmod(step, steps_per_epoch)
+  order = _epoch_order(num_examples, seed, epoch)
+  rows = np.sort(order[in_epoch * batch_size:(in_epoch + 1) * batch_size])
+  return rows[process_share(batch_size, process_index, process_count)]
+
+
+def eval_rows(num_examples: int, batch_size: int, batch: int, process_index: int = 0,
+              process_count: int = 1) -> np.ndarray:
+  """Example indices of this process's rows of eval batch `batch`; -1 marks padding."""
+  rows = np.arange(batch * batch_size, (batch + 1) * batch_size)
+  rows[rows >= num_examples] = -1
+  return rows[process_share(batch_size, process_index, process_count)]

@@ -1,11 +1,9 @@
 """The one grain pipeline every streamed source goes through: order, rows, workers, state.
 
 For one split, position p of this process's stream is example j of its rows of global batch
-`step` (p = step * local_batch + j). Those rows are pure functions (`train_rows`,
-`eval_rows`): training batch `step` is the sorted slice `step % steps_per_epoch` of the
-permutation `batching.epoch_permutation(n, seed, epoch)` (the in-memory path's order, so both
-paths see the same batches), and each process takes its contiguous share of it; evaluation
-visits every example once and pads the last batch with masked rows. Grain does the rest:
+`step` (p = step * local_batch + j). Those rows are pure functions of the step
+(`batching.train_rows`, `batching.eval_rows`: the in-memory path's order, so both paths see the
+same batches, each process its contiguous share). Grain does the rest:
 
   MapDataset.range(positions) .map(read + decode + augment) .batch(local_batch)
     .to_iter_dataset() .mp_prefetch(workers)
@@ -36,8 +34,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from cnnjax.data.batching import epoch_permutation
-from cnnjax.errors import BatchSplitError, DataError
+from cnnjax.data.batching import eval_rows, process_share, train_rows
+from cnnjax.errors import DataError
 
 STATE_FORMAT = 1
 # What PIL and the file system raise on a missing, truncated, corrupt or hostile image file.
@@ -55,38 +53,6 @@ def import_grain():
   if name in flags.FLAGS and not flags.FLAGS.is_parsed() and not flags.FLAGS[name].present:
     flags.FLAGS[name].parse('false')
   return grain
-
-
-def local_share(batch_size: int, process_index: int, process_count: int) -> slice:
-  """This process's contiguous rows of a global batch (`parallel.process_rows` for any
-  process layout, so it can be tested without starting processes)."""
-  if batch_size % process_count:
-    raise BatchSplitError(f'a global batch of {batch_size} rows does not divide over '
-                          f'{process_count} processes.')
-  per = batch_size // process_count
-  return slice(process_index * per, (process_index + 1) * per)
-
-
-@functools.lru_cache(maxsize=2)  # per process: the epoch being read, and the next one
-def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  return epoch_permutation(num_examples, seed, epoch)
-
-
-def train_rows(num_examples: int, batch_size: int, steps_per_epoch: int, seed: int, step: int,
-               process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """Example indices of this process's rows of training batch `step`."""
-  epoch, in_epoch = divmod(step, steps_per_epoch)
-  order = _epoch_order(num_examples, seed, epoch)
-  rows = np.sort(order[in_epoch * batch_size:(in_epoch + 1) * batch_size])
-  return rows[local_share(batch_size, process_index, process_count)]
-
-
-def eval_rows(num_examples: int, batch_size: int, batch: int, process_index: int = 0,
-              process_count: int = 1) -> np.ndarray:
-  """Example indices of this process's rows of eval batch `batch`; -1 marks padding."""
-  rows = np.arange(batch * batch_size, (batch + 1) * batch_size)
-  rows[rows >= num_examples] = -1
-  return rows[local_share(batch_size, process_index, process_count)]
 
 
 class Examples:
@@ -276,7 +242,7 @@ def train_batches(source, transform, image_shape, *, batch_size: int, steps_per_
   rows = functools.partial(train_rows, len(source), batch_size, steps_per_epoch, seed,
                            process_index=process_index, process_count=process_count)
   local = batch_size // process_count
-  local_share(batch_size, process_index, process_count)
+  process_share(batch_size, process_index, process_count)
   examples = Examples(source, transform, image_shape, rows, local, batch_size, process_index,
                       seed, skip_bad, masked=False)
   return Batches(examples, range(start_step, total_steps), workers, buffer, state)
@@ -288,7 +254,7 @@ def eval_batches(source, transform, image_shape, *, batch_size: int, workers: in
   """This process's rows of every eval batch: each example once, the last batch padded."""
   rows = functools.partial(eval_rows, len(source), batch_size, process_index=process_index,
                            process_count=process_count)
-  local_share(batch_size, process_index, process_count)
+  process_share(batch_size, process_index, process_count)
   examples = Examples(source, transform, image_shape, rows, batch_size // process_count,
                       batch_size, process_index, 0, skip_bad, masked=True)
   return Batches(examples, range(-(-len(source) // batch_size)), workers, buffer)
