@@ -15,7 +15,11 @@ Two strategies with one interface (`DataParallel`), chosen by `config.parallel.m
 
 Multi-host: `initialize_distributed` starts JAX's distributed runtime; every process then feeds
 only its own rows of each global batch (`process_rows`) and `put_batch` assembles the global
-array. The loop:
+array.
+
+A train batch must divide over the devices (`check_batch_size` says what to set); an eval batch
+need not: `DataParallel.eval_batch_size` rounds it up to a multiple of the devices and processes
+and `data.eval_batches` masks the padded rows. The loop:
 
   strategy = parallel.DataParallel.create(config.parallel.mode)
   state = strategy.put_state(state)
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -47,12 +52,17 @@ def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'train.batch_size') -> int:
   """Returns the per-device batch; raises when `batch_size` does not divide over the devices."""
   n = mesh.devices.size
   if batch_size % n:
-    raise BatchSplitError(f'{name}={batch_size} does not divide over {n} devices; '
-                          f'use a multiple of {n}.')
+    raise BatchSplitError(f'{name}={batch_size} does not divide over {n} devices; set {name} '
+                          f'to a multiple of {n}, e.g. {name}={round_up(batch_size, n)}.')
   return batch_size // n
 
 
@@ -77,7 +87,11 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 def process_rows(global_batch: int) -> slice:
   """This process's rows of every global batch (all rows on a single host)."""
-  per_process = global_batch // jax.process_count()
+  processes = jax.process_count()
+  if global_batch % processes:
+    raise BatchSplitError(f'a global batch of {global_batch} rows does not divide over '
+                          f'{processes} processes.')
+  per_process = global_batch // processes
   return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
@@ -143,6 +157,14 @@ class DataParallel:
   @property
   def local_devices(self) -> list:
     return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+
+  def eval_batch_size(self, requested: int, num_examples: int) -> int:
+    """The eval batch to use when `requested` rows per batch are asked for over `num_examples`
+    examples: rounded up to a multiple of the devices (and of the processes), and no larger than
+    all the examples rounded up the same way. `data.eval_batches` pads the last batch and masks
+    the padded rows, so every example still counts exactly once."""
+    multiple = math.lcm(self.num_devices, jax.process_count())
+    return min(round_up(requested, multiple), round_up(num_examples, multiple))
 
   def describe(self, global_batch: int) -> str:
     """One start-up line: devices, hosts, global and per-device batch."""

@@ -31,9 +31,14 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset,
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(config.model.dtype)
   if dtype is None:
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got '{config.model.dtype}'.")
+  # Under pmap, BatchNorm averages its statistics over the axis: only models with BatchNorm
+  # take the option (LeNet-5, AlexNet and the tutorial net have none).
+  if bn_axis_name and 'bn_axis_name' in models.model_options(config.model.name):
+    axis = {'bn_axis_name': bn_axis_name}
+  else:
+    axis = {}
   return models.get_model(config.model.name, num_classes=dataset.num_classes,
-                          in_channels=dataset.x_train.shape[-1], dtype=dtype,
-                          **({'bn_axis_name': bn_axis_name} if bn_axis_name else {}),
+                          in_channels=dataset.x_train.shape[-1], dtype=dtype, **axis,
                           **config.model.kwargs.to_dict())
 
 
@@ -62,23 +67,22 @@ def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
 
 def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: int,
              recipe: train.StepRecipe, strategy: parallel.DataParallel) -> dict:
-  """Loss, top-1 and top-5 accuracy over every example of (x, y) exactly once."""
-  lo, hi = _process_slice(batch_size)
+  """Loss, top-1 and top-5 accuracy over every example of (x, y) exactly once.
+
+  `batch_size` need not divide over the devices: it is rounded up to a multiple of them (and of
+  the processes), the last batch is padded, and padded rows are masked out of every sum.
+  """
+  batch_size = strategy.eval_batch_size(batch_size, len(x))
+  rows = parallel.process_rows(batch_size)
   totals = None
   for batch in data.eval_batches(x, y, batch_size):
-    local = {k: v[lo:hi] for k, v in batch.items()}
+    local = {k: v[rows] for k, v in batch.items()}
     sums = strategy.eval_step(state, strategy.put_batch(local), recipe)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
           'top5_accuracy': float(totals['correct5']) / count, 'count': count}
-
-
-def _process_slice(global_batch: int) -> tuple[int, int]:
-  """This process's rows of every global batch (all rows on a single host)."""
-  per_process = global_batch // jax.process_count()
-  return jax.process_index() * per_process, (jax.process_index() + 1) * per_process
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -125,8 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   t_start = time.time()
   strategy = parallel.DataParallel.create(config.parallel.mode)
   mesh = strategy.mesh
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  parallel.check_batch_size(config.train.batch_size, mesh)  # eval batches are padded instead
   dataset = load_data(config)
   model = build_model(config, dataset, strategy.axis_name)
   if primary:
@@ -157,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     print(f'resumed from step {start_step} in {workdir}')
 
   history, best = [], {'accuracy': -1.0, 'step': 0}
-  lo, hi = _process_slice(config.train.batch_size)
+  rows = parallel.process_rows(config.train.batch_size)
   eval_every = config.train.eval_every_steps or steps_per_epoch
   progress = _progress_bar(config, total_steps, start_step, primary)
   throughput = _Throughput(config.train.batch_size)
@@ -167,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
       if step_index == unfreeze_at:  # gradual unfreezing: the step now differentiates everything
         recipe = make_recipe(config, dataset, freezing.untrained_paths(
             config.optimizer, variables['params'], step_index, steps_per_epoch), strategy.axis_name)
-      local = {k: v[lo:hi] for k, v in batch.items()}
+      local = {k: v[rows] for k, v in batch.items()}
       state, metrics = strategy.train_step(state, strategy.put_batch(local), recipe)
       pending.append(metrics)
       step = step_index + 1
