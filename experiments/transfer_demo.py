@@ -72,6 +72,7 @@ def main(config=None, workdir: str | pathlib.Path = DEFAULT_WORKDIR) -> dict:
   config = get_config() if config is None else config
   pretrain = get_pretrain_config()
   pretrain.seed = config.seed
+  pretrain.parallel.update(config.parallel.to_dict())  # every stage on the same devices and hosts
   runner.run(pretrain, workdir / 'pretrain')
 
   runs = {}
