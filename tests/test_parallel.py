@@ -1,4 +1,5 @@
-"""Data parallelism: one device, 8 devices under jit sharding and 8 under pmap train alike.
+"""Data parallelism: one device, 8 devices under jit sharding and 8 under pmap train alike, and
+evaluate alike on any device count (eval batches are padded to divide, padded rows masked).
 
 The 8 simulated CPU devices need a fresh JAX, so the trajectories are computed in a child
 process (this file run as a script) and compared here.
@@ -10,11 +11,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, BATCH, DEVICES = 10, 32, 8
+EVAL_EXAMPLES = 1234   # divides over none of 8, 3 and 2 devices
 
 
 def _child() -> dict:
@@ -84,10 +88,47 @@ def _child() -> dict:
                       for k in ref_sums),
           'replicated': replicated,
       }
+  out['evaluate'] = _evaluations(TinyNet, variables)
+  out['eval_batch_sizes'] = {  # (requested batch, examples): 500 of 10,000, 2000 of 100, 1 of 10
+      str(n): [parallel.DataParallel.create('jit', jax.devices()[:n]).eval_batch_size(b, e)
+               for b, e in ((500, 10_000), (2000, 100), (1, 10))] for n in (1, DEVICES)}
   try:
     parallel.check_batch_size(30, parallel.data_mesh())
   except parallel.BatchSplitError as e:
     out['split_error'] = str(e)
+  return out
+
+
+def _evaluations(net, variables) -> dict:
+  """runner.evaluate over EVAL_EXAMPLES on 1, 3 and 8 devices in both modes, with eval batch
+  sizes that divide over none of them, against one unpadded batch on one device."""
+  import jax
+  import numpy as np
+  import optax
+
+  from cnnjax import parallel, runner, train
+
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 256, (EVAL_EXAMPLES, 8, 8, 3), dtype=np.uint8)
+  y = rng.integers(0, 5, EVAL_EXAMPLES).astype(np.int32)
+  state = train.create_train_state(net(), variables, optax.sgd(0.1), jax.random.key(0))
+  recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3)
+  ref = jax.device_get(jax.jit(train.eval_step, static_argnames='recipe')(
+      state, {'image': x, 'label': y}, recipe))
+  out = {'reference': {'loss': float(ref['loss']) / EVAL_EXAMPLES,
+                       'accuracy': float(ref['correct']) / EVAL_EXAMPLES,
+                       'top5_accuracy': float(ref['correct5']) / EVAL_EXAMPLES,
+                       'count': float(ref['count'])}}
+  for mode in parallel.MODES:
+    for devices in (1, 3, 8):
+      strategy = parallel.DataParallel.create(mode, jax.devices()[:devices])
+      model = net(bn_axis_name=strategy.axis_name)
+      state = train.create_train_state(model, variables, optax.sgd(0.1), jax.random.key(0))
+      recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name)
+      state = strategy.put_state(state)
+      for batch_size in (500, 7, 5000):
+        out[f'{mode}-{devices}-{batch_size}'] = runner.evaluate(state, x, y, batch_size, recipe,
+                                                                strategy)
   return out
 
 
@@ -120,9 +161,43 @@ def test_masked_rows_do_not_count(result):
   assert result['plain']['ref_eval_count'] == BATCH - 5
 
 
+def test_evaluation_counts_every_example_once_on_any_device_count(result):
+  evaluations = dict(result['evaluate'])
+  reference = evaluations.pop('reference')
+  assert reference['count'] == EVAL_EXAMPLES and 0 < reference['accuracy'] < 1
+  assert len(evaluations) == 2 * 3 * 3
+  for key, metrics in evaluations.items():
+    assert metrics['count'] == EVAL_EXAMPLES, key
+    for name in ('loss', 'accuracy', 'top5_accuracy'):
+      assert metrics[name] == pytest.approx(reference[name], rel=1e-5), (key, name)
+
+
 def test_global_batch_must_divide_over_devices(result):
-  assert result['split_error'] == ('train.batch_size=30 does not divide over 8 devices; use a '
-                                   'multiple of 8.')
+  assert result['split_error'] == ('train.batch_size=30 does not divide over 8 devices; set '
+                                   'train.batch_size to a multiple of 8, e.g. '
+                                   'train.batch_size=32.')
+
+
+def test_eval_batches_round_up_to_the_devices_but_not_past_the_data(result):
+  assert result['eval_batch_sizes'] == {'1': [500, 100, 1], '8': [504, 104, 8]}
+
+
+def test_pmap_builds_every_model_with_batch_norm_over_the_axis():
+  """Models with a bn_axis_name option get the pmap axis; the others (LeNet-5, AlexNet, the
+  tutorial net: no BatchNorm) are built without it instead of failing."""
+  from cnnjax import config as config_lib
+  from cnnjax import models, runner
+  dataset = types.SimpleNamespace(num_classes=10, x_train=np.zeros((1, 32, 32, 3), np.uint8))
+  config = config_lib.base_config()
+  without = []
+  for name in models.model_names():
+    config.model.name = name
+    model = runner.build_model(config, dataset, bn_axis_name='data')
+    if 'bn_axis_name' in models.model_options(name):
+      assert model.bn_axis_name == 'data', name
+    else:
+      without.append(name)
+  assert {'lenet5', 'alexnet', 'tutorial_net'} <= set(without)
 
 
 if __name__ == '__main__':
