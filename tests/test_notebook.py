@@ -1,6 +1,8 @@
-"""The Colab TPU notebook runs top to bottom (nbclient, CPU, small-steps mode on mnist5k)."""
+"""The Colab TPU notebook runs top to bottom (nbclient, CPU, small-steps mode on mnist5k) on 8
+simulated devices, as many as a Colab TPU v2-8 has cores, with its own batch sizes."""
 from __future__ import annotations
 
+import os
 import pathlib
 
 import nbformat
@@ -15,6 +17,8 @@ NOTEBOOK = ROOT / 'notebooks' / 'colab_tpu.ipynb'
 def executed(tmp_path_factory, monkeypatch_module):
   monkeypatch_module.setenv('CNNJAX_NOTEBOOK_SMALL', '1')
   monkeypatch_module.setenv('JAX_PLATFORMS', 'cpu')
+  flags = os.environ.get('XLA_FLAGS', '')
+  monkeypatch_module.setenv('XLA_FLAGS', f'{flags} --xla_force_host_platform_device_count=8')
   monkeypatch_module.setenv('PYTHONPATH', str(ROOT))  # the kernel imports this checkout
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   cwd = tmp_path_factory.mktemp('notebook')
@@ -41,7 +45,8 @@ def test_notebook_trains_plots_and_steps_by_hand(executed):
   code = [c for c in executed.cells if c.cell_type == 'code']
   assert all(c.get('execution_count') for c in code), 'every code cell ran'
   text = '\n'.join(_text(c) for c in code)
-  assert 'CPU device(s)' in text and 'host(s)' in text
+  assert '8 CPU device(s)' in text and 'on 1 host(s)' in text
+  assert 'global batch 32, 4 per device' in text
   assert 'finished step 20' in text
   assert "'steps': 20" in text
   images = [o for c in code for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
