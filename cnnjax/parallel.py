@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnnjax import runtime, train
+from cnnjax.data.batching import process_share
 from cnnjax.errors import BatchSplitError  # noqa: F401  (re-exported: raised here)
 from cnnjax.errors import ConfigError
 
@@ -87,12 +88,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 def process_rows(global_batch: int) -> slice:
   """This process's rows of every global batch (all rows on a single host)."""
-  processes = jax.process_count()
-  if global_batch % processes:
-    raise BatchSplitError(f'a global batch of {global_batch} rows does not divide over '
-                          f'{processes} processes.')
-  per_process = global_batch // processes
-  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  return process_share(global_batch, jax.process_index(), jax.process_count())
 
 
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
