@@ -6,9 +6,10 @@ cnnjax/models/common.py): a Sequential index joins its container with '_' (``lay
 leaf is renamed by the kind of module it belongs to (`LEAVES`). The kind is read off the file
 itself: a module with a ``running_mean`` is a BatchNorm, a 1-D ``weight`` without one a
 LayerNorm (both map to ``scale``/``bias``), a 4-D ``weight`` a Conv2d, a 2-D one a Linear, and
-ConvNeXt's ``layer_scale`` (C, 1, 1) becomes a (C,) parameter. Tensor layouts: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out), and the first Linear
-after a flatten (`NCHW_FLATTEN`) gets its input rows reordered from torch's C,H,W flatten order
-to cnnjax's H,W,C.
+ConvNeXt's ``layer_scale`` (C, 1, 1) becomes a (C,) parameter. Tensor layouts: Conv2d OIHW ->
+HWIO, Linear (out, in) -> (in, out), and the first Linear after a flatten (`NCHW_FLATTEN`) gets
+its input rows reordered from torch's C,H,W flatten order to cnnjax's H,W,C. Per-model fixes:
+`KEY_RENAMES` (old DenseNet files) and `AUX_HEADS` (dropped auxiliary classifiers).
 
 Files are read without unpickling arbitrary objects: ``.safetensors`` through safetensors' NumPy
 reader (no torch needed), ``.pth``/``.pt`` only through ``torch.load(weights_only=True)``.
@@ -57,7 +58,9 @@ AUX_HEADS = {'googlenet': ('aux1', 'aux2'), 'inception_v3': ('AuxLogits',)}
 
 SUFFIXES = ('.pth', '.pt', '.safetensors')
 
-# torchvision's ImageNet weights (IMAGENET1K_V1) for the models this map is tested on.
+# torchvision's ImageNet weights (IMAGENET1K_V1; regnet_y_128gf has only SWAG_E2E_V1) for every
+# zoo model whose file maps (mnasnet0_5's official file is a version-1 checkpoint with another
+# stem, which torchvision patches in at load time; cnnjax does not).
 IMAGENET_URL = 'https://download.pytorch.org/models/'
 IMAGENET_FILES = {
     'resnet18': 'resnet18-f37072fd.pth', 'resnet34': 'resnet34-b627a593.pth',
@@ -72,7 +75,8 @@ IMAGENET_FILES = {
     'resnext101_64x4d': 'resnext101_64x4d-173b62eb.pth',
     'wide_resnet50_2': 'wide_resnet50_2-95faca4d.pth',
     'wide_resnet101_2': 'wide_resnet101_2-32ee1156.pth',
-    'googlenet': 'googlenet-1378be20.pth', 'inception_v3': 'inception_v3_google-0cc3c7bd.pth', 'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
+    'googlenet': 'googlenet-1378be20.pth', 'inception_v3': 'inception_v3_google-0cc3c7bd.pth',
+    'mobilenet_v2': 'mobilenet_v2-b0353104.pth',
     'efficientnet_b0': 'efficientnet_b0_rwightman-7f5810bc.pth',
     'efficientnet_b1': 'efficientnet_b1_rwightman-bac287d4.pth',
     'efficientnet_b2': 'efficientnet_b2_rwightman-c35c1473.pth',

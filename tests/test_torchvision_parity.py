@@ -77,8 +77,8 @@ for name in json.loads(sys.argv[3]):  # shapes only: meta tensors, jax.eval_shap
   shapes = {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for k, v in net.state_dict().items()}
   source = jax.eval_shape(lambda sd: torchvision_weights.convert(sd, name), shapes)
   model = models.get_model(name, num_classes=10)
-  target = transfer.flatten_variables(jax.eval_shape(model.init, jax.random.key(0),
-                                                     jnp.zeros((1, 96, 96, 3))))  # inception_v3: >= 75
+  target = transfer.flatten_variables(jax.eval_shape(  # 96x96: inception_v3 needs 75x75
+      model.init, jax.random.key(0), jnp.zeros((1, 96, 96, 3))))
   try:
     fresh = transfer.check_fits(target, source, (), name, name)
     fits[name] = 'ok' if not fresh else f'fresh {fresh}'

@@ -206,6 +206,6 @@ def activations(model: nn.Module, variables: Any, x: jax.Array, layer: str) -> j
 
 
 __all__ = ['MODELS', 'model_names', 'model_options', 'get_model', 'layer_names', 'activations',
-           'AlexNet', 'ConvNet', 'ConvNeXt', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'InceptionV3', 'LeNet5', 'MNASNet',
-           'MobileNetV2', 'MobileNetV3', 'RegNet', 'ResNet', 'ShuffleNetV2', 'SqueezeNet', 'TutorialNet',
-           'VGG']
+           'AlexNet', 'ConvNet', 'ConvNeXt', 'DenseNet', 'EfficientNet', 'GoogLeNet', 'InceptionV3',
+           'LeNet5', 'MNASNet', 'MobileNetV2', 'MobileNetV3', 'RegNet', 'ResNet', 'ShuffleNetV2',
+           'SqueezeNet', 'TutorialNet', 'VGG']
