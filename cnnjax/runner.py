@@ -21,6 +21,7 @@ import numpy as np
 
 from cnnjax import (checkpoint, data, freezing, models, optim, parallel, recorder, train,
                     transfer, viz)
+from cnnjax import workdir_lock
 from cnnjax.errors import ConfigError
 from cnnjax.errors import TrainingError  # noqa: F401  (re-exported: raised here)
 
@@ -120,11 +121,20 @@ class _Preemption:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final summary."""
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final summary.
+
+  One run at a time per workdir: raises WorkdirBusyError, changing nothing, while another live
+  run holds it (cnnjax/workdir_lock.py).
+  """
   workdir = pathlib.Path(workdir)
   check_config(config)
   parallel.initialize_distributed(config.parallel.coordinator_address,
                                   config.parallel.num_processes, config.parallel.process_id)
+  with workdir_lock.hold(workdir):  # a second run in this workdir refuses here, touching nothing
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   primary = jax.process_index() == 0
   t_start = time.time()
   strategy = parallel.DataParallel.create(config.parallel.mode)
