@@ -5,14 +5,23 @@ copy blocks, the file writing does not), keeps the newest `keep` checkpoints plu
 `best_metric`, and restores the newest *valid* checkpoint: one that cannot be read is moved aside
 to `<directory>/corrupt/` with a warning and the previous one is used. Orbax writes each step into
 a temporary directory that is renamed only when complete, so a process killed in the middle of a
-save leaves nothing that restores wrong (the leftover is removed on the next start).
+save leaves nothing that restores wrong (the leftover is removed on the next start, which
+`cnnjax.workdir_lock` makes sure is the only writer).
+
+A save that fails (a full disk, a lost filesystem), in the background or not, surfaces at the
+next `save` or at `close` as one `TrainingError` naming the directory and the step: its
+half-written directory is removed, the earlier checkpoints are left as they are, and rerunning
+resumes from the newest of them (cnnjax/checkpoint_failures.py).
 
 A checkpoint holds the state as plain arrays (the typed PRNG key as its raw `key_data`) in the
-item `state`, and a JSON item `meta` with the step, the data position (epoch, step in epoch,
-steps per epoch) and the key's implementation. Arrays are restored into the shardings of the
+item `state`, a JSON item `meta` with the step, the data position (epoch, step in epoch, steps
+per epoch) and the key's implementation, and, when it was saved after an evaluation, orbax's
+`metrics` item (`evaluations()` reads them back); a streamed run adds the JSON item `data`, its
+loader's state (`save(data=...)`, `data_state` after restoring), so the input resumes exactly
+where the checkpoint was taken. Arrays are restored into the shardings of the
 state passed to `restore_latest`, so a checkpoint saved on 8 devices restores on 1 and back.
-`load_variables(path)` reads just `params` and `batch_stats` of any cnnjax checkpoint (for
-transfer learning).
+Reading only the model variables of a checkpoint (transfer learning, `--visualize`) is
+`cnnjax.checkpoint_variables.load_variables`.
 """
 from __future__ import annotations
 
@@ -20,7 +29,6 @@ import pathlib
 import shutil
 import time
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +36,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from cnnjax import paths
+# describe_mismatch, find_checkpoint, load_variables and path_str are re-exported: callers use
+# them as checkpoint.load_variables and so on.
+from cnnjax import checkpoint_failures as failures
+from cnnjax.checkpoint_variables import (  # noqa: F401
+    describe_mismatch, find_checkpoint, load_variables, metadata_tree, path_str, shapes_by_path)
 from cnnjax.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 
 _FORMAT = 1  # bump when the layout of `state` or `meta` changes
-
 
 
 def minimizes(metric: str) -> bool:
@@ -49,40 +60,6 @@ def state_tree(state) -> dict:
   rng = jax.random.key_data(state.rng) if _is_typed_key(state.rng) else state.rng
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
           'opt_state': state.opt_state, 'rng': rng}
-
-
-path_str = paths.param_path  # 'params/layer1_0/conv1/kernel' for a jax key path
-
-
-def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {path_str(p): tuple(getattr(leaf, 'shape', ())) for p, leaf in leaves}
-
-
-def describe_mismatch(source: dict, target: dict, limit: int = 6) -> str:
-  """'missing a, b; unexpected c; shape mismatch d (3, 2) vs (3, 5)' or '' when they match."""
-  def listing(items):
-    items = sorted(items)
-    more = f' and {len(items) - limit} more' if len(items) > limit else ''
-    return ', '.join(items[:limit]) + more
-  missing = [p for p in target if p not in source]
-  unexpected = [p for p in source if p not in target]
-  shapes = [f'{p} {source[p]} vs {target[p]}' for p in target
-            if p in source and tuple(source[p]) != tuple(target[p])]
-  parts = []
-  if missing:
-    parts.append(f'missing {listing(missing)}')
-  if unexpected:
-    parts.append(f'unexpected {listing(unexpected)}')
-  if shapes:
-    parts.append(f'shape mismatch (file vs model) {listing(shapes)}')
-  return '; '.join(parts)
-
-
-def _metadata_tree(metadata):
-  """The tree of ArrayMetadata inside whatever wrapper this orbax version returns."""
-  metadata = getattr(metadata, 'item_metadata', metadata)
-  return getattr(metadata, 'tree', metadata)
 
 
 @jax.jit
@@ -114,29 +91,47 @@ class Checkpoints:
     self.best_metric = str(config.best_metric)
     self.steps_per_epoch = steps_per_epoch
     keep = [policies.LatestN(n=int(config.keep))]
-    best_fn = None
+    # Orbax writes a checkpoint's metrics to disk only when best_fn is set, so it always is:
+    # without best_metric it ranks nothing (the preservation policy alone decides what is kept).
+    best_fn = lambda metrics: 0.0  # pylint: disable=unnecessary-lambda-assignment
     if self.best_metric:
       best_fn = lambda metrics: float(metrics[self.best_metric])  # pylint: disable=unnecessary-lambda-assignment
       keep.append(policies.BestN(get_metric_fn=best_fn, reverse=minimizes(self.best_metric),
                                  n=1, keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(  # best_fn also makes orbax write the metrics to disk
+    options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=best_fn,
         best_mode='min' if minimizes(self.best_metric) else 'max',
         cleanup_tmp_directories=True, create=True, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-        'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+        'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler(),
+        'data': ocp.JsonCheckpointHandler()})
+    self.data_state: dict | None = None  # the `data` item restore_latest found, if any
+    self._pending: int | None = None  # the step whose files are being written in the background
+    self._closed = False
+    self._quiet = failures.QuietOrbax().__enter__()  # until a clean close
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
   def best_step(self) -> int | None:
     return self._manager.best_step() if self.best_metric else None
 
-  def save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> None:
+  def evaluations(self) -> dict[int, dict[str, float]]:
+    """{step: metrics} of the kept checkpoints that were saved with metrics.
+
+    The best checkpoint by `best_metric` is always kept, so the best of these is the best
+    evaluation of the whole run, across resumes. Call after `close` (or a forced save) to see
+    the newest save too.
+    """
+    found = {}
+    for step in self.all_steps():
+      metrics = self._manager.metrics(step)
+      if metrics:
+        found[step] = {k: float(v) for k, v in metrics.items()}
+    return found
+
+  def save(self, step: int, state, metrics: dict | None = None, force: bool = False,
+           data: dict | None = None) -> None:
     """Starts an asynchronous save of `state` as `step` (a step already saved is skipped).
 
     `metrics` (e.g. {'test_accuracy': 0.98}) ranks the checkpoint for `best_metric`. A state
@@ -145,6 +140,8 @@ class Checkpoints:
     """
     step = int(step)
     if step in self._manager.all_steps():
+      if force:
+        self._finish_pending()
       return
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -160,11 +157,19 @@ class Checkpoints:
             'steps_per_epoch': self.steps_per_epoch}
     if self.steps_per_epoch:
       meta['epoch'], meta['step_in_epoch'] = divmod(step, self.steps_per_epoch)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_tree(state)), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    self._finish_pending()  # a failure of the previous save surfaces here, under its own step
+    if jax.process_count() == 1:  # on several hosts a refusal would have to be collective
+      failures.check_space(self.directory, step)
+    try:
+      items = {'data': ocp.args.JsonSave(data)} if data is not None else {}
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_tree(state)), meta=ocp.args.JsonSave(meta), **items),
+          metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to write: see _failed)
+      self._failed(step, e)
+    self._pending = step
     if force:
-      self._manager.wait_until_finished()
+      self._finish_pending()
 
   def restore_latest(self, state):
     """`state` with the arrays of the newest readable checkpoint (unchanged if there is none).
@@ -181,7 +186,7 @@ class Checkpoints:
     for step in steps:
       step_dir = self.directory / str(step)
       try:
-        saved_shapes = shapes_by_path(_metadata_tree(self._manager.item_metadata(step)['state']))
+        saved_shapes = shapes_by_path(metadata_tree(self._manager.item_metadata(step)['state']))
         if not saved_shapes:
           raise ValueError('it lists no arrays')
       except Exception as e:  # pylint: disable=broad-except
@@ -189,8 +194,9 @@ class Checkpoints:
         continue
       self._check_fits(step_dir, saved_shapes, shapes_by_path(target))
       try:
+        items = {'data': ocp.args.JsonRestore()} if (step_dir / 'data').is_dir() else {}
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(), **items))
         meta = dict(restored['meta'])
         if int(restored['state']['step']) != step or int(meta['step']) != step:
           raise ValueError(f'it holds step {int(restored["state"]["step"])}, not {step}')
@@ -199,6 +205,7 @@ class Checkpoints:
         continue
       self._check_data_position(step_dir, meta)
       self._set_aside(broken)
+      self.data_state = dict(restored['data']) if items else None
       return self._replace(state, restored['state'], meta)
     raise CheckpointError(
         f'no checkpoint in {self.directory} is readable (steps {", ".join(map(str, steps))}; '
@@ -257,65 +264,45 @@ class Checkpoints:
     return state.replace(step=tree['step'], params=tree['params'],
                          batch_stats=tree['batch_stats'], opt_state=tree['opt_state'], rng=rng)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def _finish_pending(self) -> None:
+    """Waits for the save in flight; its failure becomes a TrainingError (see `_failed`)."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+
+  def _failed(self, step: int | None, error: Exception):
+    """Removes the failed save's leftovers, ends orbax's threads and raises TrainingError."""
+    try:
+      self._manager.close()  # nothing is in flight any more: this only ends orbax's threads
+    except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
+      pass
+    if jax.process_index() == 0:
+      failures.remove_partial(self.directory)
+    self._closed = True  # orbax's other threads may still log this failure: the filter stays
+    raise failures.save_failed(self.directory, step, error) from error
 
   def close(self) -> None:
-    """Waits for the asynchronous saves to finish and releases the manager."""
-    self._manager.wait_until_finished()
+    """Waits for the asynchronous saves to finish (raising TrainingError if one failed) and
+    releases the manager."""
+    if self._closed:
+      return
+    self._finish_pending()
+    self._closed = True
     self._manager.close()
+    self._quiet.__exit__()
 
   def __enter__(self) -> 'Checkpoints':
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: still wait for the save in flight, but report the first error
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
-def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-  """The step directory `path` names: a step directory, a checkpoints directory (its newest step)
-  or a workdir holding `checkpoints/`."""
-  path = pathlib.Path(path).expanduser().absolute()
-  if not path.exists():
-    raise CheckpointError(f'checkpoint path {path} does not exist.')
-  if not path.is_dir():
-    raise CheckpointError(f'{path} is a file, not a cnnjax checkpoint directory.')
-  if (path / 'state').is_dir():
-    return path
-  for candidate in (path / 'checkpoints', path):
-    steps = sorted((int(p.name) for p in candidate.glob('*')
-                    if p.name.isdigit() and (p / 'state').is_dir()), reverse=True)
-    if steps:
-      return candidate / str(steps[0])
-  raise CheckpointError(f'{path} holds no cnnjax checkpoint (no <step>/state directory in it or '
-                        f'in {path / "checkpoints"}).')
-
-
-def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
-  """({'params': ..., 'batch_stats': ...} as host NumPy arrays, step directory) of a checkpoint."""
-  step_dir = find_checkpoint(path)
-  # The item's handler, not a Checkpointer: a Checkpointer looks for the step-level metadata file
-  # inside the item directory and logs a warning that it is missing (CheckpointManager keeps it
-  # one level up).
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    saved = _metadata_tree(handler.metadata(step_dir / 'state'))
-    if not isinstance(saved, dict) or 'params' not in saved:
-      raise CheckpointError(f'{step_dir} is not a cnnjax checkpoint (it has no params).')
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-
-    def wanted(path, leaf):
-      if path[0].key in ('params', 'batch_stats'):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
-      return ocp.PLACEHOLDER
-    target = jax.tree_util.tree_map_with_path(wanted, saved)
-    restored = handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-  except CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step_dir} is unreadable ({type(e).__name__}: '
-                          f'{str(e)[:300]}).') from e
-  variables = {k: jax.device_get(restored[k]) for k in ('params', 'batch_stats')
-               if restored.get(k)}
-  return variables, step_dir

@@ -169,13 +169,32 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   if primary and start_step:
     print(f'resumed from step {start_step} in {workdir}')
 
-  history, best = [], {'accuracy': -1.0, 'step': 0}
+  history = {}  # this run's evaluations: {step: {'test_loss': ..., 'test_accuracy': ...}}
   rows = parallel.process_rows(config.train.batch_size)
   eval_every = config.train.eval_every_steps or steps_per_epoch
   progress = _progress_bar(config, total_steps, start_step, primary)
   throughput = _Throughput(config.train.batch_size)
   pending, step = [], start_step
-  with _Preemption() as preemption:
+
+  def run_evaluation(state, recipe, step, record=True):
+    test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
+                    strategy)
+    history[step] = recorder.named_test_metrics(test)
+    if record:
+      records.write(step, 'test', test)
+    if primary:
+      progress.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
+                     f'test loss {test["loss"]:.4f}, accuracy {test["accuracy"]:.2%}')
+    return history[step]
+
+  def evaluation_step(step):
+    return step % eval_every == 0 or step == total_steps
+
+  # Closing order on any exit: the progress bar, the records, then the checkpoints (waiting for
+  # the save in flight, whose failure is one TrainingError), then the SIGTERM handler.
+  with _Preemption() as preemption, ckpts, records, progress:
+    if start_step and evaluation_step(start_step) and start_step not in ckpts.evaluations():
+      run_evaluation(state, recipe, start_step)  # the one a preemption skipped (see below)
     for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps):
       if step_index == unfreeze_at:  # gradual unfreezing: the step now differentiates everything
         recipe = make_recipe(config, dataset, freezing.untrained_paths(
@@ -193,58 +212,44 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
           raise TrainingError(f'the loss became {summary["loss"]} at step {step}; lower the '
                               f'learning rate (optimizer.lr) — the last good checkpoint is kept.')
         records.write(step, 'train', {**summary, 'lr': float(schedule(step - 1))})
+        rate = throughput.images_per_second()
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}',
-                             img_s=f'{throughput.images_per_second():.0f}')
-      if step % eval_every == 0 or step == total_steps:
+                             **({'img_s': f'{rate:.0f}'} if rate else {}))
+      # A preemption skips the evaluation (the grace period is for saving); the resumed run
+      # evaluates that step first.
+      if evaluation_step(step) and not preemption.requested:
         with throughput.paused():
-          test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
-                          recipe, strategy)
-          records.write(step, 'test', test)
-          history.append({'step': step, **test})
-          if test['accuracy'] > best['accuracy']:
-            best = {'accuracy': test['accuracy'], 'step': step}
-          if primary:
-            progress.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
-                           f'test loss {test["loss"]:.4f}, accuracy {test["accuracy"]:.2%}')
-          ckpts.save(step, state, metrics={'test_accuracy': test['accuracy'],
-                                           'test_loss': test['loss']})
+          ckpts.save(step, state, metrics=run_evaluation(state, recipe, step))
       elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
         with throughput.paused():
           ckpts.save(step, state)
       if preemption.requested:
         ckpts.save(step, state, force=True)
         break
-    if not history:  # nothing left to train (a finished run was rerun): evaluate what is there
-      test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
-                      strategy)
-      history.append({'step': step, **test})
-      best = {'accuracy': test['accuracy'], 'step': step}
+    if step == total_steps and not history and not preemption.requested:
+      # A finished run was rerun: evaluate what is there (recorded when it was first evaluated).
+      run_evaluation(state, recipe, step, record=False)
     progress.close()
-    ckpts.close()  # waits for asynchronous saves
-    records.close()
+    ckpts.close()  # waits for the asynchronous saves: their metrics are read next
+    evaluations = {**ckpts.evaluations(), **history}
+    preempted = preemption.requested and not (step == total_steps and step in history)
 
-    wall = time.time() - t_start
-    result = {
-        'experiment': config.get('experiment', ''), 'steps': step,
-        'final_test_accuracy': history[-1]['accuracy'] if history else float('nan'),
-        'best_test_accuracy': best['accuracy'], 'best_step': best['step'],
-        'wall_seconds': wall, 'train_images_per_second': throughput.images_per_second(),
-        'preempted': preemption.requested and step < total_steps,
-    }
-    if primary:
-      rows = recorder.read_metrics(workdir)
-      if rows:
-        viz.plot_curves(rows, workdir / 'curves.png')
-      print(f"{result['experiment'] or 'run'}: {'preempted at' if result['preempted'] else 'finished'} "
-            f"step {step}; test accuracy final {result['final_test_accuracy']:.2%}, best "
-            f"{best['accuracy']:.2%} (step {best['step']}); {wall:.1f} s wall, "
-            f"{result['train_images_per_second']:.0f} train images/s; outputs in {workdir}")
+  result = recorder.summarize(
+      step, evaluations, ckpts.best_metric, checkpoint.minimizes(ckpts.best_metric), preempted,
+      train_steps=step - start_step, images_per_second=throughput.images_per_second(),
+      experiment=config.get('experiment', ''), wall_seconds=time.time() - t_start)
+  if primary:
+    metric_rows = recorder.read_metrics(workdir)
+    if metric_rows:
+      viz.plot_curves(metric_rows, workdir / 'curves.png')
+    print(recorder.summary_line(result, workdir))
   return result
 
 
 class _Throughput:
   """Training images per second, from the end of the first (compiling) log interval on,
-  excluding the time spent in evaluation and checkpointing."""
+  excluding the time spent in evaluation and checkpointing; None until a second interval ends
+  (a rerun of a finished run, or a resume with one interval left, measures nothing)."""
 
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
@@ -257,8 +262,8 @@ class _Throughput:
       self.seconds += now - self._since
     self._since = now
 
-  def images_per_second(self) -> float:
-    return self.steps * self.batch_size / self.seconds if self.seconds else float('nan')
+  def images_per_second(self) -> float | None:
+    return self.steps * self.batch_size / self.seconds if self.seconds else None
 
   @contextlib.contextmanager
   def paused(self):
