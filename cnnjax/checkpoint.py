@@ -177,6 +177,7 @@ class Checkpoints:
     Raises CheckpointError when the checkpoint belongs to another architecture or optimizer
     (naming the mismatched paths) or was written with another number of steps per epoch.
     """
+    self._finish_pending()  # a save still being written is not readable yet
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return state
