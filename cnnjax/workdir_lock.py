@@ -106,7 +106,8 @@ def _read_holder(fd: int) -> str:
       info = None
     if isinstance(info, dict) and 'pid' in info:
       command = f': {info["command"]}' if info.get('command') else ''
-      return f'pid {info["pid"]} on host {info.get("host", "?")} since {info.get("started", "?")}{command}'
+      return (f'pid {info["pid"]} on host {info.get("host", "?")} since '
+              f'{info.get("started", "?")}{command}')
     time.sleep(0.05)
   return 'a process that has not written its pid and host yet'
 

@@ -163,8 +163,9 @@ def test_disk_full_during_a_save_stops_cleanly_and_resumes_to_the_same_weights(t
   # event loops may also print tracebacks for the writes still in flight), or before one.
   errors = [line for line in err.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err[-3000:]
-  assert errors[0].startswith('error: saving step ') and f' in {directory} ' in errors[0] and (
-      'failed (no space left on the device)' in errors[0] or ' MiB are free' in errors[0]), errors[0]
+  assert errors[0].startswith('error: saving step ') and f' in {directory} ' in errors[0]
+  assert ('failed (no space left on the device)' in errors[0]
+          or ' MiB are free' in errors[0]), errors[0]
   assert 'the checkpoints before it are intact (newest: step ' in errors[0], errors[0]
   after = _committed(directory)
   assert max(after) >= max(before) and len(after) >= 2, (before, after)  # keep=2: none deleted

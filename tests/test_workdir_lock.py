@@ -28,7 +28,8 @@ time.sleep(600)
 
 
 def _snapshot(directory: pathlib.Path) -> dict:
-  return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b'')
+  return {str(p.relative_to(directory)): (p.stat().st_mtime_ns,
+                                          p.read_bytes() if p.is_file() else b'')
           for p in sorted(directory.rglob('*'))}
 
 
