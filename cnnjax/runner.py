@@ -22,6 +22,8 @@ import numpy as np
 from cnnjax import (checkpoint, data, freezing, models, optim, parallel, recorder, train,
                     transfer, viz)
 from cnnjax import workdir_lock
+from cnnjax.data import loader as data_loader
+from cnnjax.data import stream as data_stream
 from cnnjax.errors import ConfigError
 from cnnjax.errors import TrainingError  # noqa: F401  (re-exported: raised here)
 
@@ -39,11 +41,15 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset,
   else:
     axis = {}
   return models.get_model(config.model.name, num_classes=dataset.num_classes,
-                          in_channels=dataset.x_train.shape[-1], dtype=dtype, **axis,
+                          in_channels=dataset.image_shape[-1], dtype=dtype, **axis,
                           **config.model.kwargs.to_dict())
 
 
-def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset | data_stream.Stream:
+  """The whole dataset in memory (the fast path), or a Stream read batch by batch
+  (`data.pipeline`, `data.image_size`: see cnnjax/data/stream.py)."""
+  if data_stream.use_stream(config.data):
+    return data_stream.open_stream(config.data, jax.process_index(), jax.process_count())
   dataset = data.load_dataset(config.data.name, data_dir=config.data.data_dir or None)
   if config.data.classes:
     dataset = dataset.select_classes(tuple(config.data.classes))
@@ -54,14 +60,18 @@ def init_from_data(model, variables: dict, dataset: data.Dataset) -> dict:
   """Data-dependent initialization of a new run, for models that define
   `init_from_data(variables, images, mean, std)` (airbench94's whitening conv); else unchanged."""
   init = getattr(model, 'init_from_data', None)
-  return variables if init is None else init(variables, dataset.x_train, dataset.mean, dataset.std)
+  if init is None:
+    return variables
+  images = dataset.sample_images() if isinstance(dataset, data_stream.Stream) else dataset.x_train
+  return init(variables, images, dataset.mean, dataset.std)
 
 
 def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
                 frozen: tuple[str, ...] = (), axis_name: str | None = None) -> train.StepRecipe:
   return train.StepRecipe(
       mean=tuple(dataset.mean), std=tuple(dataset.std), crop_padding=config.data.crop_padding,
-      pad_mode=config.data.pad_mode, flip=config.data.flip,
+      pad_mode=config.data.pad_mode,
+      flip=config.data.flip and not getattr(dataset, 'flips_on_host', False),
       label_smoothing=config.train.label_smoothing, eval_flip_tta=config.train.eval_flip_tta,
       frozen=frozen, axis_name=axis_name)
 
@@ -75,9 +85,16 @@ def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: 
   """
   batch_size = strategy.eval_batch_size(batch_size, len(x))
   rows = parallel.process_rows(batch_size)
+  return evaluate_batches(state, ({k: v[rows] for k, v in batch.items()}
+                                  for batch in data.eval_batches(x, y, batch_size)),
+                          recipe, strategy)
+
+
+def evaluate_batches(state: train.TrainState, local_batches, recipe: train.StepRecipe,
+                     strategy: parallel.DataParallel) -> dict:
+  """`evaluate` over this process's rows of every eval batch (masked), e.g. a Stream's."""
   totals = None
-  for batch in data.eval_batches(x, y, batch_size):
-    local = {k: v[rows] for k, v in batch.items()}
+  for local in local_batches:
     sums = strategy.eval_step(state, strategy.put_batch(local), recipe)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -144,15 +161,16 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   model = build_model(config, dataset, strategy.axis_name)
   if primary:
     print(strategy.describe(config.train.batch_size))
-    print(f'data: {dataset.name} {len(dataset.x_train)} train / {len(dataset.x_test)} test, '
-          f'{dataset.x_train.shape[1:]} images, {dataset.num_classes} classes')
+    print(dataset.describe() if isinstance(dataset, data_stream.Stream) else
+          f'data: {dataset.name} {dataset.num_train} train / {dataset.num_test} test, '
+          f'{dataset.image_shape} images, {dataset.num_classes} classes')
 
-  steps_per_epoch = data.steps_per_epoch(len(dataset.x_train), config.train.batch_size)
+  steps_per_epoch = data.steps_per_epoch(dataset.num_train, config.train.batch_size)
   total_steps = config.train.num_steps or steps_per_epoch * config.train.num_epochs
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoint, steps_per_epoch)
   # Start-up order: resume from this workdir, else initialize from pretrained, else from scratch.
-  variables = train.init_variables(model, dataset.x_train.shape[1:], init_rng)
+  variables = train.init_variables(model, dataset.image_shape, init_rng)
   if not ckpts.all_steps():
     variables = init_from_data(model, variables, dataset)
     variables = transfer.init_from_pretrained(variables, config.transfer, config.model.name)
@@ -160,6 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                                       total_steps, variables['params'])
   state = train.create_train_state(model, variables, tx, state_rng)
   state = ckpts.restore_latest(state)
+  feed = {'data': ckpts.data_state}  # a stream's loader state: saved with each checkpoint
   state = strategy.put_state(state)
   start_step = int(state.step)
   unfreeze_at = freezing.unfreeze_step(config.optimizer, steps_per_epoch)
@@ -170,15 +189,21 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     print(f'resumed from step {start_step} in {workdir}')
 
   history = {}  # this run's evaluations: {step: {'test_loss': ..., 'test_accuracy': ...}}
-  rows = parallel.process_rows(config.train.batch_size)
   eval_every = config.train.eval_every_steps or steps_per_epoch
   progress = _progress_bar(config, total_steps, start_step, primary)
   throughput = _Throughput(config.train.batch_size)
   pending, step = [], start_step
 
   def run_evaluation(state, recipe, step, record=True):
-    test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size, recipe,
-                    strategy)
+    if isinstance(dataset, data_stream.Stream):  # one Batches per run, rewound: workers stay
+      if 'eval' not in feed:
+        feed['eval'] = feeds.enter_context(dataset.eval_batches(strategy.eval_batch_size(
+            config.train.eval_batch_size, dataset.num_test)))
+      feed['eval'].rewind()
+      test = evaluate_batches(state, feed['eval'], recipe, strategy)
+    else:
+      test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
+                      recipe, strategy)
     history[step] = recorder.named_test_metrics(test)
     if record:
       records.write(step, 'test', test)
@@ -192,15 +217,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   # Closing order on any exit: the progress bar, the records, then the checkpoints (waiting for
   # the save in flight, whose failure is one TrainingError), then the SIGTERM handler.
-  with _Preemption() as preemption, ckpts, records, progress:
+  with _Preemption() as preemption, ckpts, records, progress, contextlib.ExitStack() as feeds:
     if start_step and evaluation_step(start_step) and start_step not in ckpts.evaluations():
       run_evaluation(state, recipe, start_step)  # the one a preemption skipped (see below)
-    for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps):
+    for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps,
+                                      strategy, feed, feeds):
       if step_index == unfreeze_at:  # gradual unfreezing: the step now differentiates everything
         recipe = make_recipe(config, dataset, freezing.untrained_paths(
             config.optimizer, variables['params'], step_index, steps_per_epoch), strategy.axis_name)
-      local = {k: v[rows] for k, v in batch.items()}
-      state, metrics = strategy.train_step(state, strategy.put_batch(local), recipe)
+      state, metrics = strategy.train_step(state, batch, recipe)
       pending.append(metrics)
       step = step_index + 1
       progress.update(1)
@@ -219,12 +244,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       # evaluates that step first.
       if evaluation_step(step) and not preemption.requested:
         with throughput.paused():
-          ckpts.save(step, state, metrics=run_evaluation(state, recipe, step))
+          ckpts.save(step, state, metrics=run_evaluation(state, recipe, step),
+                     data=feed['data'])
       elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
         with throughput.paused():
-          ckpts.save(step, state)
+          ckpts.save(step, state, data=feed['data'])
       if preemption.requested:
-        ckpts.save(step, state, force=True)
+        ckpts.save(step, state, force=True, data=feed['data'])
         break
     if step == total_steps and not history and not preemption.requested:
       # A finished run was rerun: evaluate what is there (recorded when it was first evaluated).
@@ -273,14 +299,27 @@ class _Throughput:
       self._since += time.time() - start
 
 
-def _batches(dataset, config, steps_per_epoch, start_step, total_steps):
-  """(global step, batch) pairs from `start_step` on, in the order an uninterrupted run sees."""
+def _batches(dataset, config, steps_per_epoch, start_step, total_steps, strategy, feed, feeds):
+  """(global step, this process's rows of the batch on the devices) from `start_step` on, in
+  the order an uninterrupted run sees. A Stream's batches come from its loader (resumed from
+  `feed['data']`, and `feed['data']` is kept at the state after the batch last yielded)."""
+  if start_step >= total_steps:
+    return
+  if isinstance(dataset, data_stream.Stream):
+    batches = feeds.enter_context(dataset.train_batches(
+        config.train.batch_size, steps_per_epoch, config.seed, start_step, total_steps,
+        state=feed['data']))
+    for step, (batch, feed['data']) in enumerate(data_loader.ahead(batches, strategy.put_batch),
+                                                 start_step):
+      yield step, batch
+    return
+  rows = parallel.process_rows(config.train.batch_size)
   step = start_step
   while step < total_steps:
     epoch, in_epoch = divmod(step, steps_per_epoch)
     for batch in data.train_batches(dataset.x_train, dataset.y_train, config.train.batch_size,
                                     seed=config.seed, epoch=epoch, start_step=in_epoch):
-      yield step, batch
+      yield step, strategy.put_batch({k: v[rows] for k, v in batch.items()})
       step += 1
       if step >= total_steps:
         return

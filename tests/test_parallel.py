@@ -187,7 +187,7 @@ def test_pmap_builds_every_model_with_batch_norm_over_the_axis():
   tutorial net: no BatchNorm) are built without it instead of failing."""
   from cnnjax import config as config_lib
   from cnnjax import models, runner
-  dataset = types.SimpleNamespace(num_classes=10, x_train=np.zeros((1, 32, 32, 3), np.uint8))
+  dataset = types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3))
   config = config_lib.base_config()
   without = []
   for name in models.model_names():
