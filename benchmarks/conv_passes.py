@@ -4,7 +4,7 @@
 
 Nearly all of a ResNet train step is these passes, so this is where cnnjax's ResNet ratios come
 from. Each framework runs in its own process: JAX with cnnjax's CPU configuration
-(``import cnnjax``), NHWC; PyTorch eager (oneDNN) in NCHW and channels_last, 2 threads, through
+(``cnnjax.configure_cpu()``), NHWC; PyTorch eager (oneDNN) in NCHW and channels_last, 2 threads, through
 ``torch.ops.aten.convolution_backward`` so each gradient is timed alone. Prints the best of
 ``--repeat`` calls in ms and GFLOP/s (2 * N*H*W * 9*C*O per pass).
 """
@@ -25,7 +25,8 @@ def _best_ms(fn, repeat: int) -> float:
 
 
 def run_jax(batch: int, repeat: int) -> dict:
-  import cnnjax  # noqa: F401  (cnnjax's XLA:CPU flags, before JAX starts)
+  import cnnjax
+  cnnjax.configure_cpu()  # cnnjax's XLA:CPU flags, before JAX starts a backend
   import jax
   from jax import lax
 

@@ -30,7 +30,8 @@ def layer_specs(hwc, units: int) -> dict:
 
 
 def run_jax(batch: int, units: int, steps: int, warmup: int) -> dict:
-  import cnnjax  # noqa: F401  (XLA flags and cache before JAX starts)
+  import cnnjax
+  cnnjax.configure_cpu()  # XLA flags and cache before JAX starts a backend
   import jax
   import jax.numpy as jnp
   from cnnjax.layers import Conv2d, Linear

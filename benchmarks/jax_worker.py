@@ -20,7 +20,7 @@ import math
 import os
 import time
 
-import cnnjax  # first: sets cnnjax's XLA:CPU flags and the compile cache before JAX starts
+import cnnjax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,7 +167,9 @@ def main(argv=None) -> None:
   p.add_argument('--budget', type=float, default=None, help='seconds per measurement (at least 5 steps)')
   p.add_argument('--compile-only', action='store_true')
   p.add_argument('--host-feed', action='store_true')
-  emit(run(p.parse_args(argv)))
+  args = p.parse_args(argv)
+  cnnjax.configure_cpu()  # cnnjax's XLA:CPU flags and compile cache, before JAX starts a backend
+  emit(run(args))
 
 
 if __name__ == '__main__':

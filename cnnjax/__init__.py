@@ -5,16 +5,16 @@
 >>> table = cnnjax.summary(model, (1, 224, 224, 3))   # prints the table, returns a Summary
 
 Submodules: layers, reference, shapes, blocks, models, data, optim, train, runner, parallel,
-checkpoint, transfer, viz. `import cnnjax` does not import TensorFlow or PyTorch.
+checkpoint, transfer, viz. `import cnnjax` does not import TensorFlow or PyTorch, and changes no
+process-wide setting: `cnnjax.configure_cpu()`, called before the first JAX computation, opts in
+to cnnjax's XLA:CPU flags and a bounded compilation cache (cnnjax/runtime.py; run.py calls it).
 """
-from cnnjax import runtime as _runtime
-
-_runtime.configure_cpu()  # XLA:CPU flags + compilation cache: must run before JAX starts a backend
-
-from cnnjax import layers  # noqa: E402
-from cnnjax.models import activations, get_model, model_names  # noqa: E402
-from cnnjax.summary import summary  # noqa: E402
-from cnnjax.zoo import pretrained  # noqa: E402
+from cnnjax import layers
+from cnnjax.models import activations, get_model, model_names
+from cnnjax.runtime import configure_cpu
+from cnnjax.summary import summary
+from cnnjax.zoo import pretrained
 
 __version__ = '0.1.0'
-__all__ = ['layers', 'get_model', 'model_names', 'activations', 'summary', 'pretrained']
+__all__ = ['layers', 'get_model', 'model_names', 'activations', 'summary', 'configure_cpu',
+           'pretrained']

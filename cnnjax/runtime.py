@@ -1,49 +1,66 @@
-"""Process-wide JAX set-up that must happen before JAX starts: CPU XLA flags and the compile cache.
+"""Opt-in JAX set-up for the CPU: XLA:CPU flags and a bounded persistent compilation cache.
 
-`configure_cpu()` is called by ``import cnnjax``. It does two things:
+``import cnnjax`` configures nothing. `configure_cpu()` (also ``cnnjax.configure_cpu``) changes
+process-wide state, so it is an explicit call: ``run.py`` makes it before JAX starts a backend,
+and library or notebook users make it right after ``import cnnjax``, before their first JAX
+computation::
+
+    import cnnjax
+    cnnjax.configure_cpu()
+
+It does two things:
 
 1. Appends XLA flags that make XLA:CPU train CNNs faster to ``XLA_FLAGS`` (read by XLA when the
    first backend starts, not at ``import jax``). Only ``xla_cpu_*`` flags are set, so GPU and TPU
    compilation is untouched. A flag the user already put in ``XLA_FLAGS`` is never overridden, and
-   flags are only added for jaxlib versions on which they were measured (XLA aborts the process on
-   a flag it does not know). ``CNNJAX_CPU_FLAGS=0`` turns this off.
+   flags are only added for jaxlib versions on which they were measured to help (XLA aborts the
+   process on a flag it does not know; an unknown jaxlib gets none). ``CNNJAX_CPU_FLAGS=0`` turns
+   this off.
 2. Enables JAX's persistent compilation cache in a user cache directory
    (``~/.cache/cnnjax/jax_cache``, or ``$XDG_CACHE_HOME/cnnjax/jax_cache``), with thresholds low
-   enough that CPU compilations are written too. ``CNNJAX_CACHE_DIR=<dir>`` moves it,
-   ``CNNJAX_CACHE_DIR=`` (empty) disables it. A cache directory the user configured for JAX
-   (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) wins.
+   enough that CPU compilations are written too, bounded to 2 GiB (JAX evicts the least recently
+   used entries beyond ``jax_compilation_cache_max_size``; ``JAX_COMPILATION_CACHE_MAX_SIZE``
+   sets another bound). ``CNNJAX_CACHE_DIR=<dir>`` moves it, ``CNNJAX_CACHE_DIR=`` (empty)
+   disables it. A cache the user configured for JAX (``JAX_COMPILATION_CACHE_DIR`` or
+   ``jax.config``) is left as it is.
 
-Why these flags (measured on a 2-core AVX-512 CPU, jaxlib 0.10.2; numbers in benchmarks/README.md):
-by default jaxlib 0.10 sends convolutions to YNNPACK, which is slower than XLA's own (Eigen)
-convolutions on every pass here (weight gradients 2-3x slower). Removing convolutions from the
-YNNPACK list, while keeping its dot and reduction fusions (batch-norm statistics), made a
-small_resnet train step 1.3-1.5x faster; sending only dots to YNNPACK (``=dot``) loses the
-reductions and is slower.
+Separately, `eval_compiler_options()` gives per-compilation options for cnnjax's own evaluation
+steps (``train.jit_eval_step``, ``parallel``); they change nothing else in the process.
+
+Why these flags (measured on 2-core AVX-512 CPUs; the tables and commands are in
+benchmarks/README.md): by default jaxlib 0.10 and 0.12 send convolutions to YNNPACK, which is
+slower than XLA's own (Eigen) convolutions on every pass here, weight gradients most.
+Removing convolutions from the YNNPACK list, while keeping its dot and reduction fusions
+(batch-norm statistics), makes ResNet train steps faster; sending only dots to YNNPACK (``=dot``)
+loses the reductions and is slower for training, faster for evaluation.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
 
-# Flags per jaxlib (major, minor) they were measured on. Keys are flag names without '--'.
-_CPU_FLAGS: dict[tuple[int, int], dict[str, str]] = {
-    # Keep jaxlib's default YNNPACK fusions (dots, reductions) but give convolutions to Eigen.
-    (0, 10): {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'},
-}
+# Flags per jaxlib (major, minor) on which they were measured to help (benchmarks/README.md has
+# the tables and commands); any other jaxlib gets none. Keys are flag names without '--'.
+# Both versions' default YNNPACK fusions are dots, individual dots, reductions and individual
+# convolutions: keep the first three (batch-norm statistics need the reductions), give
+# convolutions to XLA's Eigen kernels.
+_TRAIN_FLAGS = {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'}
+_CPU_FLAGS: dict[tuple[int, int], dict[str, str]] = {(0, 10): _TRAIN_FLAGS, (0, 12): _TRAIN_FLAGS}
 
-# Per-compilation options for evaluation steps, per jaxlib (same gating as _CPU_FLAGS). Training
+# Per-compilation options for evaluation steps, per jaxlib (measured like _CPU_FLAGS). Training
 # needs YNNPACK's reduction fusions (batch-norm statistics); a forward pass with frozen
-# statistics is faster without them: only dots go to YNNPACK.
+# statistics is faster without them: only dots go to YNNPACK. (Set process-wide, this slows
+# training down, so it is per compilation.)
+_EVAL_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT'}
 _EVAL_COMPILER_OPTIONS: dict[tuple[int, int], dict[str, str]] = {
-    (0, 10): {'xla_cpu_experimental_ynn_fusion_type':
-              'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT'},
-}
+    (0, 10): _EVAL_OPTIONS, (0, 12): _EVAL_OPTIONS}
 
 _CACHE_MIN_COMPILE_TIME_SECS = 0.2   # JAX's default (1 s) skips most CPU compilations of tests.
-_CACHE_MIN_ENTRY_SIZE_BYTES = -1     # -1: no size limit (and JAX may not raise it later).
-
-_configured = False
+_CACHE_MIN_ENTRY_SIZE_BYTES = -1     # -1: no minimum size (and JAX may not raise it later).
+_CACHE_MAX_SIZE_BYTES = 2 * 2**30    # least recently used entries are evicted beyond this.
 
 
 def default_cache_dir() -> str:
@@ -104,9 +121,9 @@ def _cpu_is_the_default_backend() -> bool:
 def eval_compiler_options(platform: str | None = None) -> dict[str, str] | None:
   """``compiler_options`` for jit-compiling evaluation steps (None: compile as usual).
 
-  On jaxlib 0.10, YNNPACK's reduction fusions (which speed up batch-norm statistics in a train
-  step) slow down a ResNet's forward pass with frozen statistics; leaving them out of the eval
-  step made cifar_resnet18's eval 1.3x faster (benchmarks/README.md). Only for the CPU:
+  On jaxlib 0.10 and 0.12, YNNPACK's reduction fusions (which speed up batch-norm statistics in
+  a train step) slow down a forward pass with frozen statistics, so eval steps leave them out
+  (measured in benchmarks/README.md; other jaxlibs: None). Only for the CPU:
   ``platform`` is the devices' platform when known, else it is inferred without starting JAX.
   None when ``CNNJAX_CPU_FLAGS=0`` or the user set YNNPACK fusions in ``XLA_FLAGS`` themselves.
   """
@@ -141,11 +158,12 @@ def set_xla_flags() -> list[str]:
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
-  """Turns on JAX's persistent compilation cache; returns the directory used (None: disabled).
+  """Turns on JAX's persistent compilation cache, bounded; returns its directory (None: off).
 
   Args:
     cache_dir: where to keep compiled executables; None means `default_cache_dir()`, '' disables.
-      A directory the user already gave JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
+      A directory the user already gave JAX (``JAX_COMPILATION_CACHE_DIR``) is kept, with the
+      user's own settings.
   """
   import jax
   existing = getattr(jax.config, 'jax_compilation_cache_dir', None)
@@ -155,29 +173,54 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
   if not cache_dir:
     return None
   cache_dir = os.path.expanduser(cache_dir)
+  if importlib.util.find_spec('filelock') is None:  # JAX needs it to bound (evict from) a cache
+    warnings.warn('cnnjax: the compilation cache needs the filelock package to stay bounded; '
+                  'compiling without it (pip install filelock).', stacklevel=2)
+    return None
   try:
     os.makedirs(cache_dir, exist_ok=True)
-  except OSError as e:  # a read-only home must not break `import cnnjax`.
+  except OSError as e:  # a read-only home must not break configure_cpu().
     warnings.warn(f'cnnjax: cannot create the compilation cache {cache_dir!r} ({e}); '
                   'compiling without it.', stacklevel=2)
     return None
+  _give_entries_an_access_time(cache_dir)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
-  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', _CACHE_MIN_COMPILE_TIME_SECS)
-  if 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES' not in os.environ:
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', _CACHE_MIN_ENTRY_SIZE_BYTES)
+  for name, value in (('jax_persistent_cache_min_compile_time_secs', _CACHE_MIN_COMPILE_TIME_SECS),
+                      ('jax_persistent_cache_min_entry_size_bytes', _CACHE_MIN_ENTRY_SIZE_BYTES),
+                      ('jax_compilation_cache_max_size', _CACHE_MAX_SIZE_BYTES)):
+    if name.upper() not in os.environ:  # a value the user set in the environment wins
+      jax.config.update(name, value)
   return cache_dir
 
 
-def configure_cpu() -> None:
-  """Sets cnnjax's XLA:CPU flags and enables the compilation cache; idempotent.
+def _give_entries_an_access_time(cache_dir: str) -> None:
+  """Gives entries written by an unbounded cache the access-time file a bounded one keeps.
 
-  Call it before JAX starts a backend (``import cnnjax`` does). Called later it still enables
-  the cache but warns that the XLA flags come too late.
+  JAX's bounded cache stores ``<key>-atime`` beside each ``<key>-cache``; jaxlib 0.10's eviction
+  fails every write while one is missing (e.g. entries from an unbounded cache in the same
+  directory, as cnnjax 0.1 wrote); 0.12 takes them as least recently used. Their modification
+  time stands in.
   """
-  global _configured
-  if _configured:
+  try:
+    names = set(os.listdir(cache_dir))
+  except OSError:
     return
-  _configured = True
-  set_xla_flags()
-  enable_compilation_cache()
+  for name in names:
+    key = name[:-len('-cache')]
+    if name.endswith('-cache') and f'{key}-atime' not in names:
+      path = os.path.join(cache_dir, name)
+      try:
+        with open(os.path.join(cache_dir, f'{key}-atime'), 'wb') as f:
+          f.write(os.stat(path).st_mtime_ns.to_bytes(8, 'little'))
+      except OSError:
+        pass
+
+
+def configure_cpu() -> dict:
+  """Sets cnnjax's XLA:CPU flags and enables the bounded compilation cache; idempotent.
+
+  Call it before JAX starts a backend (right after ``import cnnjax``; ``run.py`` does). Called
+  later it still enables the cache but warns that the XLA flags come too late. Returns
+  ``{'xla_flags': [the flags this call added], 'cache_dir': the cache directory or None}``.
+  """
+  return {'xla_flags': set_xla_flags(), 'cache_dir': enable_compilation_cache()}

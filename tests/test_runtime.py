@@ -1,0 +1,99 @@
+"""cnnjax.runtime: `import cnnjax` changes nothing; `configure_cpu()` opts in, user settings win."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from cnnjax import runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+                 'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size')
+
+PROBE = f"""
+import json, os, sys, warnings
+warnings.filterwarnings('error', message='cnnjax: ')  # e.g. 'JAX had already started a backend'
+import jax
+cache = lambda: {{name: getattr(jax.config, name) for name in {CACHE_OPTIONS!r}}}
+out = {{'xla_flags_before': os.environ.get('XLA_FLAGS'), 'cache_before': cache()}}
+import cnnjax
+from cnnjax import runtime
+out.update(xla_flags_imported=os.environ.get('XLA_FLAGS'), cache_imported=cache(),
+           backend_started=runtime._backends_initialized())
+out['first'], out['second'] = cnnjax.configure_cpu(), cnnjax.configure_cpu()
+out.update(xla_flags=os.environ.get('XLA_FLAGS', ''), cache=cache(),
+           cnnjax_flags=runtime.cpu_flags(), eval_options=runtime.eval_compiler_options())
+print(json.dumps(out))
+"""
+
+
+def _probe(**env_changes):
+  """Runs PROBE in a fresh process whose environment has no cnnjax, XLA or JAX cache settings."""
+  ours = {'XLA_FLAGS', 'CNNJAX_CPU_FLAGS', 'CNNJAX_CACHE_DIR', *(n.upper() for n in CACHE_OPTIONS)}
+  env = {k: v for k, v in os.environ.items() if k not in ours}
+  env.update(env_changes)
+  proc = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_changes_nothing_and_configure_cpu_opts_in(tmp_path):
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  (cache / 'old-cache').write_bytes(b'x')  # an entry an unbounded cache wrote: no access time
+  cache = str(cache)
+  user = '--xla_force_host_platform_device_count=1'
+  out = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=user)
+  # `import cnnjax` leaves XLA_FLAGS, JAX's cache configuration and the backends alone.
+  assert out['xla_flags_imported'] == out['xla_flags_before'] == user
+  assert out['cache_imported'] == out['cache_before']
+  assert out['cache_before']['jax_compilation_cache_dir'] is None
+  assert not out['backend_started']  # so configure_cpu() right after the import is in time
+  # configure_cpu(): the measured flags after the user's, once; a bounded cache.
+  ours = [f'--{k}={v}' for k, v in out['cnnjax_flags'].items()]
+  assert out['xla_flags'].split() == [user, *ours]
+  assert out['first'] == {'xla_flags': ours, 'cache_dir': cache}
+  assert out['second'] == {'xla_flags': [], 'cache_dir': cache}
+  assert out['cache'] == {'jax_compilation_cache_dir': cache,
+                          'jax_persistent_cache_min_compile_time_secs': 0.2,
+                          'jax_persistent_cache_min_entry_size_bytes': -1,
+                          'jax_compilation_cache_max_size': 2 * 2**30}
+  # ... whose eviction (jaxlib 0.10's) needs every entry's access-time file.
+  assert os.path.getsize(os.path.join(cache, 'old-atime')) == 8
+
+
+def test_user_settings_win(tmp_path):
+  cache = str(tmp_path / 'cache')
+  own_bound = _probe(CNNJAX_CACHE_DIR=cache, JAX_COMPILATION_CACHE_MAX_SIZE='12345')
+  assert own_bound['cache']['jax_compilation_cache_max_size'] == 12345
+  own_cache = _probe(JAX_COMPILATION_CACHE_DIR=cache)  # JAX's own setting: kept, not bounded
+  assert own_cache['first']['cache_dir'] == cache
+  assert own_cache['cache']['jax_compilation_cache_max_size'] == -1
+  for name in own_bound['cnnjax_flags']:  # a value the user chose for the same flag wins
+    mine = f'--{name}=dot'
+    users = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=mine)
+    assert users['xla_flags'] == mine
+    assert users['eval_options'] is None  # ... and the eval step does not override it either
+
+
+def test_opt_outs():
+  out = _probe(CNNJAX_CACHE_DIR='', CNNJAX_CPU_FLAGS='0')
+  assert out['xla_flags'] == '' and out['eval_options'] is None
+  assert out['first'] == {'xla_flags': [], 'cache_dir': None}
+  assert out['cache'] == out['cache_before']
+
+
+def test_flags_only_for_measured_jaxlib_versions(monkeypatch):
+  measured = set(runtime._CPU_FLAGS)
+  assert (0, 10) in measured and (0, 12) in measured
+  assert set(runtime._EVAL_COMPILER_OPTIONS) <= measured
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setattr(runtime, '_jaxlib_version', lambda: (0, 99))  # a jaxlib nobody measured
+  assert runtime.cpu_flags() == {} and runtime.eval_compiler_options() is None
+  for version in measured:
+    monkeypatch.setattr(runtime, '_jaxlib_version', lambda: version)
+    assert runtime.cpu_flags() == runtime._CPU_FLAGS[version]
+    assert runtime.eval_compiler_options() == runtime._EVAL_COMPILER_OPTIONS.get(version)
