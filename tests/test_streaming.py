@@ -315,6 +315,23 @@ def test_workers_exit_when_the_training_process_is_killed():
   assert not any(_alive(p) for p in pids), pids
 
 
+def test_a_script_without_a_main_guard_fails_fast_instead_of_hanging(tmp_path, tree):
+  """Workers are spawned and re-import the script that started them: unguarded code there is
+  Python's usual error (naming `if __name__ == '__main__':`), and the parent stops with it."""
+  root, _ = tree
+  script = tmp_path / 'unguarded.py'
+  script.write_text(
+      'from cnnjax.config import base_config\nfrom cnnjax.data import stream\n'
+      'c = base_config().data\n'
+      f'c.name, c.image_size, c.workers = "folder:{root}", 16, 2\n'
+      'c.mean, c.std = (1.,) * 3, (1.,) * 3\n'
+      'print(sum(1 for _ in stream.open_stream(c).train_batches(4, 4, 0, 0, 4)))\n')
+  done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert done.returncode != 0
+  assert "if __name__ == '__main__':" in done.stderr
+
+
 # ----------------------------------------------------------------- tfds in array_record
 
 _BUILD = """

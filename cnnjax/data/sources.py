@@ -15,9 +15,12 @@ record an error message names) and `name`. Decoding happens later, in the loader
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 import warnings
+import weakref
 
 import numpy as np
 
@@ -39,8 +42,41 @@ class SourceInfo:
   class_names: tuple[str, ...] = ()
 
 
-class ArraySource:
+class _MappedForWorkers:
+  """Pickles its arrays (`_ARRAYS`) as temporary .npy files that worker processes map, not as
+  copies: the process that starts a worker then sends it a few hundred bytes (a copy of an
+  image index or of in-memory images would be megabytes per worker, and a worker dying while
+  a message over 64 KB is still being written to it blocks its parent forever)."""
+  _ARRAYS: tuple[str, ...] = ()
+
+  def __getstate__(self):
+    if '_mapped' not in self.__dict__:
+      paths = {}
+      for key in self._ARRAYS:
+        handle, paths[key] = tempfile.mkstemp(prefix='cnnjax-', suffix='.npy')
+        with os.fdopen(handle, 'wb') as f:
+          np.save(f, np.ascontiguousarray(getattr(self, key)))
+      self._mapped = paths
+      weakref.finalize(self, _remove, list(paths.values()))  # also runs at exit
+    return {**{k: v for k, v in self.__dict__.items() if k not in self._ARRAYS},
+            **{k: None for k in self._ARRAYS}}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    for key, path in state['_mapped'].items():
+      setattr(self, key, np.load(path, mmap_mode='r'))
+    del self.__dict__['_mapped']  # a worker pickles nothing further
+
+
+def _remove(paths):
+  for path in paths:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+class ArraySource(_MappedForWorkers):
   """Images and labels already in host memory, served one example at a time."""
+  _ARRAYS = ('images', 'labels')
 
   def __init__(self, name: str, images: np.ndarray, labels: np.ndarray):
     self.name, self.images, self.labels = name, images, labels
@@ -49,14 +85,15 @@ class ArraySource:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict:
-    return {'image': self.images[index], 'label': int(self.labels[index])}
+    return {'image': np.asarray(self.images[index]), 'label': int(self.labels[index])}
 
   def describe(self, index: int) -> str:
     return f'example {index} of {self.name}'
 
 
-class FolderSource:
+class FolderSource(_MappedForWorkers):
   """The image files of one split folder, read as bytes on access."""
+  _ARRAYS = ('files', 'labels')
 
   def __init__(self, name: str, directory: str, files: np.ndarray, labels: np.ndarray):
     self.name, self.directory = name, directory
@@ -67,7 +104,7 @@ class FolderSource:
     return len(self.labels)
 
   def path(self, index: int) -> str:
-    return os.path.join(self.directory, self.files[index].decode())
+    return os.path.join(self.directory, bytes(self.files[index]).decode())
 
   def __getitem__(self, index: int) -> dict:
     with open(self.path(index), 'rb') as f:
