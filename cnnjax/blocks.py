@@ -219,6 +219,13 @@ def stochastic_depth(x: jax.Array, rate: float, *, deterministic: bool,
   return x * scale.astype(x.dtype)
 
 
+def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+  """`stochastic_depth` of a residual branch inside ``module``, drawing the module's 'dropout'
+  rng only when it is needed (training with a non-zero rate)."""
+  rng = module.make_rng('dropout') if train and rate > 0.0 else None
+  return stochastic_depth(x, rate, deterministic=not train, rng=rng)
+
+
 class MBConv(nn.Module):
   """EfficientNet's inverted bottleneck, exactly torchvision's ``MBConv``.
 
@@ -251,10 +258,7 @@ class MBConv(nn.Module):
                           conv=partial(self.conv, use_bias=True), name=f'block_{i + 1}')(y)
     y = layer(y, self.features, 1, activation=None, name=f'block_{i + 2}')
     if self.stride == 1 and in_channels == self.features:
-      use_rng = train and self.stochastic_depth_prob > 0.0
-      y = stochastic_depth(y, self.stochastic_depth_prob, deterministic=not train,
-                           rng=self.make_rng('dropout') if use_rng else None)
-      y = y + x
+      y = drop_path(self, y, self.stochastic_depth_prob, train) + x
     return y
 
 
@@ -285,8 +289,5 @@ class FusedMBConv(nn.Module):
     else:
       y = layer(x, self.features, self.kernel_size, self.stride, name='block_0')
     if self.stride == 1 and in_channels == self.features:
-      use_rng = train and self.stochastic_depth_prob > 0.0
-      y = stochastic_depth(y, self.stochastic_depth_prob, deterministic=not train,
-                           rng=self.make_rng('dropout') if use_rng else None)
-      y = y + x
+      y = drop_path(self, y, self.stochastic_depth_prob, train) + x
     return y

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.blocks import stochastic_depth
+from cnnjax.blocks import drop_path
 from cnnjax.layers import Conv2d, GlobalAvgPool, Linear
 from cnnjax.models.common import check_model_input, zeros
 
@@ -47,10 +47,7 @@ class ConvNeXtBlock(nn.Module):
     y = linear(dim, name='block_5')(y)
     scale = self.param('layer_scale', nn.initializers.constant(self.layer_scale), (dim,))
     y = y * scale.astype(y.dtype)
-    use_rng = train and self.stochastic_depth_prob > 0.0
-    y = stochastic_depth(y, self.stochastic_depth_prob, deterministic=not train,
-                         rng=self.make_rng('dropout') if use_rng else None)
-    return y + x
+    return drop_path(self, y, self.stochastic_depth_prob, train) + x
 
 
 def layer_norm(name: str, dtype: Any = jnp.float32) -> nn.LayerNorm:
