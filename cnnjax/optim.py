@@ -15,6 +15,20 @@ Weight decay (``weight_decay_mode``)
   normalization module, i.e. a module whose name starts with 'bn' or contains '_bn' or 'norm'
   (case-insensitive: bn1, downsample_bn, BatchNorm_0, LayerNorm_0).
 
+Layer-wise adaptive optimizers for large batches (``name='lars'|'lamb'``; the decay placement is
+part of their definition, so ``weight_decay_mode`` stays 'auto')
+  'lars' (You et al. 2017, arXiv:1708.03888, Algorithm 1): per parameter tensor, the local rate
+  ``trust_coefficient * |w| / (|g| + weight_decay * |w|)`` scales ``g + weight_decay * w``, then
+  momentum ``v = momentum * v + lr * that`` (``nesterov`` too) and ``w -= v``. The denominator is
+  the paper's (and TF's, MLPerf's, timm's ``Lars``); ``optax.lars`` uses ``|g + weight_decay * w|``
+  instead, so cnnjax chains optax's momentum and learning rate after its own trust ratio.
+  'lamb' (You et al. 2020, arXiv:1904.00962, Algorithm 2; ``optax.lamb``'s pieces): the Adam
+  direction ``r`` (bias-corrected, ``b1``, ``b2``, ``eps``) plus ``weight_decay * w``, scaled by
+  ``|w| / |r + weight_decay * w|`` and the learning rate. With ``decay_bn_and_bias=False`` biases
+  and normalization parameters get neither weight decay nor the trust ratio (a plain momentum /
+  Adam step), as the papers' implementations exclude them (TF's LARS skip list, BERT's
+  ``exclude_from_layer_adaptation``; timm's ``always_adapt=False``). A zero norm gives ratio 1.
+
 Fine-tuning
   ``frozen`` / ``trainable`` / ``unfreeze_after_epochs`` select what trains when; `cnnjax.freezing`
   is their one home, and the optimizer follows its labels: 'frozen' parameters get exactly zero
@@ -40,7 +54,7 @@ from cnnjax.config import check_choice, merge_defaults
 from cnnjax.errors import ConfigError
 from cnnjax.schedules import make_schedule
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars', 'lamb')
 WEIGHT_DECAY_MODES = ('auto', 'coupled', 'decoupled')
 _NORM_MODULE = re.compile(r'^bn|_bn|norm', re.IGNORECASE)
 
@@ -48,11 +62,12 @@ _NORM_MODULE = re.compile(r'^bn|_bn|norm', re.IGNORECASE)
 def default_optimizer_config() -> ml_collections.ConfigDict:
   """Every optimizer field with a typed default (see the module docstring for their meaning)."""
   return ml_collections.ConfigDict(dict(
-      name='sgd',                 # 'sgd' | 'adam' | 'adamw'
+      name='sgd',                 # 'sgd' | 'adam' | 'adamw' | 'lars' | 'lamb'
       lr=0.1,                     # peak learning rate; the schedule shapes it
-      momentum=0.9,               # sgd; 0 = plain SGD
-      nesterov=False,             # sgd
-      b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw (torch's defaults)
+      momentum=0.9,               # sgd, lars; 0 = plain SGD
+      nesterov=False,             # sgd, lars
+      b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw, lamb (torch's defaults; LAMB's paper: eps 1e-6)
+      trust_coefficient=0.001,    # lars: the paper's eta in its local learning rate
       weight_decay=0.0,
       weight_decay_mode='auto',   # 'auto' | 'coupled' (torch SGD/Adam) | 'decoupled' (AdamW)
       decay_bn_and_bias=True,     # False: no decay on biases and normalization parameters
@@ -104,20 +119,52 @@ def _check_numbers(cfg: ml_collections.ConfigDict) -> None:
   check_choice(cfg.weight_decay_mode, WEIGHT_DECAY_MODES, 'weight_decay_mode')
   if cfg.name == 'adamw' and cfg.weight_decay_mode == 'coupled':
     raise ConfigError("adamw decays decoupled by definition; use name='adam' for coupled weight decay.")
+  if cfg.name in ('lars', 'lamb') and cfg.weight_decay_mode != 'auto':
+    raise ConfigError(f"{cfg.name} places its weight decay by definition; leave "
+                      f"weight_decay_mode='auto'.")
   checks = [('lr', cfg.lr > 0), ('momentum', 0 <= cfg.momentum < 1), ('b1', 0 <= cfg.b1 < 1),
             ('b2', 0 <= cfg.b2 < 1), ('eps', cfg.eps >= 0), ('weight_decay', cfg.weight_decay >= 0),
             ('grad_clip_norm', cfg.grad_clip_norm >= 0),
+            ('trust_coefficient', cfg.trust_coefficient > 0),
             ('unfreeze_after_epochs', cfg.unfreeze_after_epochs >= 0),
             ('unfrozen_lr_factor', cfg.unfrozen_lr_factor >= 0)]
   for key, ok in checks:
     if not ok:
       raise ConfigError(f'optimizer {key}={cfg[key]} is out of range.')
-  if cfg.nesterov and (cfg.name != 'sgd' or cfg.momentum == 0):
-    raise ConfigError('nesterov=True needs the sgd optimizer with momentum > 0.')
+  if cfg.nesterov and (cfg.name not in ('sgd', 'lars') or cfg.momentum == 0):
+    raise ConfigError('nesterov=True needs the sgd or lars optimizer with momentum > 0.')
+
+
+def scale_by_lars(trust_coefficient: float, weight_decay: float,
+                  mask: Any = None) -> optax.GradientTransformation:
+  """LARS's decayed gradient times its local learning rate (You et al. 2017, Algorithm 1):
+  ``(g + wd * w) * trust_coefficient * |w| / (|g| + wd * |w|)`` per tensor (1 where a norm is
+  0); where ``mask`` (a tree or a function of the params, like ``optax.masked``'s) is False, ``g``
+  passes unchanged: no decay, no trust ratio."""
+  def update_fn(updates, state, params):
+    def adapt(g, w):
+      w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+      ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm)
+      ratio = jnp.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+      return ((g + weight_decay * w) * ratio).astype(g.dtype)
+    return jax.tree.map(adapt, updates, params), state
+  inner = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return inner if mask is None else optax.masked(inner, mask)
 
 
 def _core(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
   """Weight decay + momentum/Adam + learning rate for the parameters that train."""
+  mask = None if cfg.decay_bn_and_bias else weight_decay_mask
+  if cfg.name == 'lars':
+    momentum = [optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)] if cfg.momentum else []
+    return optax.chain(scale_by_lars(cfg.trust_coefficient, cfg.weight_decay, mask),
+                       optax.scale_by_learning_rate(schedule), *momentum)
+  if cfg.name == 'lamb':
+    trust = optax.scale_by_trust_ratio()
+    return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                       optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+                       trust if mask is None else optax.masked(trust, mask),
+                       optax.scale_by_learning_rate(schedule))
   mode = cfg.weight_decay_mode
   if mode == 'auto':
     mode = 'decoupled' if cfg.name == 'adamw' else 'coupled'

@@ -165,12 +165,102 @@ def test_optimizer_matches_torch(opt_fields, torch_name, torch_kw, decay_bn_and_
     topt.zero_grad()
     loss(tp, torch).backward()
     if cfg.grad_clip_norm:
-      torch.nn.utils.clip_grad_norm_([x for g in groups for x in g['params']], cfg.grad_clip_norm)
+      norm = torch.nn.utils.clip_grad_norm_([x for g in groups for x in g['params']],
+                                            cfg.grad_clip_norm)
+      assert norm > cfg.grad_clip_norm  # the clipping is engaged, so the comparison tests it
     topt.step()
     tsched.step()
     for got, want in zip(jax.tree.leaves(p), jax.tree.leaves(tp)):
       np.testing.assert_allclose(got, want.detach().numpy(), rtol=2e-5, atol=2e-6)
   assert not np.allclose(p['conv']['kernel'], params['conv']['kernel'])
+
+
+# --------------------------------------------------------------------------- LARS and LAMB
+
+def _paper_step(name, params, grads, lr, wd, adapted, m=None, v=None, t=1, mom=0.9, tc=0.001,
+                b1=0.9, b2=0.999, eps=1e-6):
+  """One step of LARS (You et al. 2017, Alg. 1) or LAMB (You et al. 2020, Alg. 2) in NumPy, per
+  tensor; `adapted[path]` False: no weight decay and no trust ratio for that tensor."""
+  new, m, v = {}, dict(m or {}), dict(v or {})
+  for path, w in params.items():
+    g = grads[path].astype(np.float64)
+    w = w.astype(np.float64)
+    lam = wd if adapted[path] else 0.0
+    if name == 'lars':
+      local = tc * np.linalg.norm(w) / (np.linalg.norm(g) + lam * np.linalg.norm(w))
+      local = local if adapted[path] else 1.0
+      m[path] = mom * m.get(path, 0.0) + lr * local * (g + lam * w)
+      new[path] = w - m[path]
+    else:
+      m[path] = b1 * m.get(path, 0.0) + (1 - b1) * g
+      v[path] = b2 * v.get(path, 0.0) + (1 - b2) * g * g
+      r = (m[path] / (1 - b1 ** t)) / (np.sqrt(v[path] / (1 - b2 ** t)) + eps) + lam * w
+      ratio = np.linalg.norm(w) / np.linalg.norm(r) if adapted[path] else 1.0
+      new[path] = w - lr * ratio * r
+  return new, m, v
+
+
+@pytest.mark.parametrize('name', ['lars', 'lamb'])
+@pytest.mark.parametrize('decay_bn_and_bias', [True, False])
+def test_lars_and_lamb_match_the_papers_formulas(net_params, name, decay_bn_and_bias):
+  """Two steps (a learning rate that changes in between) against the algorithms written out in
+  NumPy; with decay_bn_and_bias=False biases and norm parameters get a plain step."""
+  cfg = optim.default_optimizer_config()
+  cfg.update(dict(name=name, lr=0.5 if name == 'lars' else 0.01, weight_decay=0.01, eps=1e-6,
+                  decay_bn_and_bias=decay_bn_and_bias, trust_coefficient=0.02))
+  sched = dict(name='step', step_epochs=0.5, decay_factor=0.5)   # lr halves after step 1
+  tx, _ = optim.make_optimizer(cfg, sched, 2, 8, net_params)
+  rng = np.random.default_rng(3)
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), net_params)
+           for _ in range(2)]
+  adapted = flat(jax.tree.map(lambda _: decay_bn_and_bias, net_params)) if decay_bn_and_bias \
+      else flat(optim.weight_decay_mask(net_params))
+  p, s = net_params, tx.init(net_params)
+  want, m, v = flat(jax.device_get(net_params)), None, None
+  for t, g in enumerate(grads):
+    u, s = jax.jit(tx.update)(g, s, p)
+    p = optax.apply_updates(p, u)
+    want, m, v = _paper_step(name, want, flat(jax.device_get(g)), cfg.lr * 0.5 ** t,
+                             cfg.weight_decay, adapted, m, v, t=t + 1, tc=cfg.trust_coefficient)
+    for path, got in flat(p).items():
+      np.testing.assert_allclose(got, want[path], rtol=2e-5, atol=1e-6, err_msg=f'{path} {t}')
+  # the trust ratio matters: the steps differ from plain momentum SGD / Adam at the same rate
+  plain = optax.sgd(cfg.lr, momentum=0.9) if name == 'lars' else optax.adam(cfg.lr, eps=1e-6)
+  u, _ = plain.update(grads[0], plain.init(net_params), net_params)
+  first = optax.apply_updates(net_params, tx.update(grads[0], tx.init(net_params), net_params)[0])
+  assert not np.allclose(flat(first)['fc/kernel'], flat(optax.apply_updates(net_params, u))['fc/kernel'])
+
+
+@pytest.mark.parametrize('name', ['lars', 'lamb'])
+def test_lars_and_lamb_match_timm(name):
+  """Six steps on the quadratic problem against timm's Lars / Lamb (constant lr: timm applies
+  LARS's rate outside the momentum, the paper inside; the same when the rate is constant). BN
+  scale and bias in a group with no weight decay: timm then skips their adaptation too."""
+  torch = pytest.importorskip('torch')
+  timm_optim = pytest.importorskip('timm.optim')
+  params, loss = _quadratic_problem()
+  cfg = optim.default_optimizer_config()
+  cfg.update(dict(name=name, lr=0.3 if name == 'lars' else 0.02, weight_decay=0.05, eps=1e-6,
+                  momentum=0.9, trust_coefficient=0.01, decay_bn_and_bias=False))
+  tx, _ = optim.make_optimizer(cfg, None, 2, 6, params)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(jax.grad(loss)(p, jnp), s, p)))
+  tp = jax.tree.map(lambda x: torch.tensor(x, requires_grad=True), params)
+  groups = [{'params': [tp['conv']['kernel']], 'weight_decay': cfg.weight_decay},
+            {'params': [tp['conv']['bias'], tp['bn1']['scale']], 'weight_decay': 0.0}]
+  if name == 'lars':
+    topt = timm_optim.Lars(groups, lr=cfg.lr, momentum=0.9, trust_coeff=cfg.trust_coefficient,
+                           eps=0.0)
+  else:
+    topt = timm_optim.Lamb(groups, lr=cfg.lr, eps=cfg.eps, max_grad_norm=None)
+  p, s = params, tx.init(params)
+  for _ in range(6):
+    p, s = step(p, s)
+    topt.zero_grad()
+    loss(tp, torch).backward()
+    topt.step()
+  for got, want in zip(jax.tree.leaves(p), jax.tree.leaves(tp)):
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- masks on a real model
@@ -296,7 +386,9 @@ def test_lr_multipliers(net_params):
 # --------------------------------------------------------------------------- bad configs
 
 @pytest.mark.parametrize('opt,sched,match', [
-    (dict(name='lamb'), None, r"Unknown optimizer 'lamb'; valid names: sgd, adam, adamw"),
+    (dict(name='lion'), None, r"Unknown optimizer 'lion'; valid names: sgd, adam, adamw, lars"),
+    (dict(name='lamb', weight_decay_mode='coupled'), None, r"lamb places its weight decay"),
+    (dict(name='lars', trust_coefficient=0.0), None, r'trust_coefficient=0.0 is out of range'),
     (None, dict(name='cosin'), r"Unknown schedule 'cosin'; valid names: constant, step"),
     (dict(frozen=('layer9',)), None, r"optimizer.frozen pattern 'layer9' matches no parameter"),
     (dict(frozen=('.*',)), None, r'freeze every parameter'),
