@@ -3,7 +3,8 @@
 `visualize(config, workdir, layer)` loads the newest checkpoint in `workdir`, rebuilds the model
 from the experiment config and writes three PNGs into `<workdir>/visualize/`: LAYER's feature
 maps for a test image, the first convolution's filters, and the confusion matrix over the whole
-test set. It runs on one device and writes nothing else.
+test set. It runs on one device and writes nothing else. Streamed datasets (image folders,
+ImageNet) are read batch by batch through the loader, as evaluation reads them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, data, layers, models, viz
+from cnnjax import checkpoint, layers, models, viz
 from cnnjax.data import augment
 from cnnjax.errors import CheckpointError, ConfigError
 
@@ -38,7 +39,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   model = runner.build_model(config, dataset)
   expected = jax.eval_shape(functools.partial(model.init, train=False),
                             {'params': jax.random.key(0)},
-                            jnp.zeros((1, *dataset.x_test.shape[1:]), jnp.float32))
+                            jnp.zeros((1, *dataset.image_shape), jnp.float32))
   mismatch = checkpoint.describe_mismatch(checkpoint.shapes_by_path(variables),
                                           checkpoint.shapes_by_path(dict(expected)))
   if mismatch:
@@ -71,18 +72,22 @@ def first_conv_kernel(model, variables, x: jax.Array) -> tuple[str, np.ndarray]:
   return '/'.join(called[0]), np.asarray(node['kernel'])
 
 
-def predict(model, variables, images: np.ndarray, labels: np.ndarray, mean, std,
-            batch_size: int) -> np.ndarray:
-  """Predicted classes of every image (evaluation mode), in batches of `batch_size`."""
+def predict(model, variables, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, predicted classes) of every test image (evaluation mode), read in batches of
+  `batch_size` (in memory, or streamed from the files: never the whole split at once)."""
   @jax.jit
   def classify(batch):
-    logits = model.apply(variables, augment.normalize(batch, mean, std), train=False)
+    logits = model.apply(variables, augment.normalize(batch, dataset.mean, dataset.std),
+                         train=False)
     return jnp.argmax(logits, axis=-1)
 
-  out = []
-  for batch in data.eval_batches(images, labels, batch_size):
-    out.append(np.asarray(classify(batch['image']))[batch['mask']])
-  return np.concatenate(out)
+  labels, predictions = [], []
+  with dataset.eval_batches(batch_size) as batches:
+    for batch in batches:
+      mask = np.asarray(batch['mask'])
+      labels.append(np.asarray(batch['label'])[mask])
+      predictions.append(np.asarray(classify(batch['image']))[mask])
+  return np.concatenate(labels), np.concatenate(predictions)
 
 
 def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, layer: str,
@@ -90,14 +95,14 @@ def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, la
   """Writes LAYER's feature maps, the first-layer filters and the confusion matrix as PNGs."""
   workdir = pathlib.Path(workdir)
   model, variables, dataset, step_dir = load_trained(config, workdir)
-  if not 0 <= image_index < len(dataset.x_test):
-    raise ConfigError(f'image_index {image_index} is outside the {len(dataset.x_test)} test '
+  if not 0 <= image_index < dataset.num_test:
+    raise ConfigError(f'image_index {image_index} is outside the {dataset.num_test} test '
                       f'images.')
   out_dir = workdir / 'visualize'
-  image = dataset.x_test[image_index:image_index + 1]
+  image, label = dataset.test_image(image_index)
+  image = image[None]
   x = augment.normalize(jnp.asarray(image), dataset.mean, dataset.std)
   maps = models.activations(model, variables, x, layer)
-  label = int(dataset.y_test[image_index])
   name = dataset.class_names[label] if dataset.class_names else str(label)
   safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', layer)
   paths = {'activations': viz.plot_activations(
@@ -105,9 +110,8 @@ def visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, la
       title=f'{layer} of test image {image_index} (class {name}), step {step_dir.name}')}
   conv_name, kernel = first_conv_kernel(model, variables, x)
   paths['filters'] = viz.plot_filters(kernel, out_dir / 'filters.png', title=f'{conv_name} filters')
-  predictions = predict(model, variables, dataset.x_test, dataset.y_test, dataset.mean,
-                        dataset.std, config.train.eval_batch_size)
-  matrix = viz.confusion_matrix(dataset.y_test, predictions, dataset.num_classes)
+  labels, predictions = predict(model, variables, dataset, config.train.eval_batch_size)
+  matrix = viz.confusion_matrix(labels, predictions, dataset.num_classes)
   paths['confusion_matrix'] = viz.plot_confusion_matrix(
       matrix, out_dir / 'confusion_matrix.png', dataset.class_names or None,
       title=f'{config.get("experiment") or config.model.name} step {step_dir.name}')

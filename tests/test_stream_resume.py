@@ -55,6 +55,7 @@ def test_streamed_run_resumes_exactly_after_sigkill_with_workers(tmp_path, digit
   assert 'streamed as 16x16x1 by 2 worker(s)' in out
   expected = _final(reference)
   assert (reference / 'checkpoints' / str(STEPS) / 'data').is_dir()  # the loader's state
+  _visualize_counts_what_evaluation_counted(reference, overrides)
 
   seed = random.randrange(1 << 30)
   rng = random.Random(seed)
@@ -70,6 +71,24 @@ def test_streamed_run_resumes_exactly_after_sigkill_with_workers(tmp_path, digit
   assert f'resumed from step {left}' in out or left == STEPS, out[-2000:]
   chex.assert_trees_all_equal(_final(workdir), expected,
                               custom_message=f'killed at {kill_at}+{delay:.2f}s, seed {seed}')
+
+
+def _visualize_counts_what_evaluation_counted(workdir, overrides):
+  """`--visualize` on a streamed run: the test images come through the loader, and the
+  confusion matrix holds the predictions the run's last evaluation scored."""
+  from cnnjax import config as config_lib, inspect_run
+  config = config_lib.base_config()
+  config.model.kwargs.widths = (4, 8, 8)
+  config.model.kwargs.hidden = 16
+  config_lib.apply_overrides(config, overrides)
+  paths = inspect_run.visualize(config, workdir, 'conv2', image_index=199)
+  assert all(path.stat().st_size > 1000 for path in paths.values())
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  tested = [r for r in rows if r['split'] == 'test'][-1]
+  labels, predictions = inspect_run.predict(*inspect_run.load_trained(config, workdir)[:3],
+                                            batch_size=64)
+  assert len(labels) == 200
+  assert (labels == predictions).mean() == pytest.approx(tested['accuracy'])
 
 
 @pytest.mark.slow

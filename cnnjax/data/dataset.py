@@ -6,6 +6,7 @@ dtypes, shapes and label ranges live in one place and every user-caused problem 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Sequence
 
@@ -146,6 +147,16 @@ class Dataset:
   @property
   def num_test(self) -> int:
     return len(self.x_test)
+
+  def test_image(self, index: int) -> tuple[np.ndarray, int]:
+    """(uint8 image (H, W, C), label) of test example `index`."""
+    return self.x_test[index], int(self.y_test[index])
+
+  def eval_batches(self, batch_size: int):
+    """The test split in batches of exactly `batch_size` ({'image', 'label', 'mask'}, the
+    last one padded and masked), as a context manager like `Stream.eval_batches`."""
+    from cnnjax.data.batching import eval_batches  # late: batching imports this module
+    return contextlib.nullcontext(eval_batches(self.x_test, self.y_test, batch_size))
 
   def select_classes(self, classes: Sequence[int], relabel: bool = True) -> Dataset:
     """Keeps only the examples of `classes` in both splits (e.g. digits 0-4 for a transfer demo).

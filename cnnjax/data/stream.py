@@ -105,6 +105,11 @@ class Stream:
         workers=self.workers, buffer=self.buffer, skip_bad=self.skip_bad,
         process_index=self.process_index, process_count=self.process_count)
 
+  def test_image(self, index: int) -> tuple[np.ndarray, int]:
+    """(uint8 image (H, W, C), label) of test example `index`, as evaluation sees it."""
+    example = self.test[int(index)]
+    return self.eval_transform(example['image']), int(example['label'])
+
   def sample_images(self, count: int = STATS_SAMPLE) -> np.ndarray:
     """Up to `count` evenly spaced training images through the eval transform (fixed)."""
     return sample_images(self.train, self.eval_transform, self.image_shape, count,
