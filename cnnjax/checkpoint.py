@@ -13,7 +13,8 @@ next `save` or at `close` as one `TrainingError` naming the directory and the st
 half-written directory is removed, the earlier checkpoints are left as they are, and rerunning
 resumes from the newest of them (cnnjax/checkpoint_failures.py).
 
-A checkpoint holds the state as plain arrays (the typed PRNG key as its raw `key_data`) in the
+A checkpoint holds the state as plain arrays (the typed PRNG key as its raw `key_data`; with
+`train.ema_decay` the weights' moving average under `ema/params` and `ema/batch_stats`) in the
 item `state`, a JSON item `meta` with the step, the data position (epoch, step in epoch, steps
 per epoch) and the key's implementation, and, when it was saved after an evaluation, orbax's
 `metrics` item (`evaluations()` reads them back); a streamed run adds the JSON item `data`, its
@@ -40,7 +41,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 # them as checkpoint.load_variables and so on.
 from cnnjax import checkpoint_failures as failures
 from cnnjax.checkpoint_variables import (  # noqa: F401
-    describe_mismatch, find_checkpoint, load_variables, metadata_tree, path_str, shapes_by_path)
+    describe_mismatch, find_checkpoint, holds_ema, load_variables, metadata_tree, path_str,
+    shapes_by_path)
 from cnnjax.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 
 _FORMAT = 1  # bump when the layout of `state` or `meta` changes
@@ -58,8 +60,11 @@ def _is_typed_key(x) -> bool:
 def state_tree(state) -> dict:
   """The arrays of a TrainState as a plain dict (the typed key as its raw uint32 data)."""
   rng = jax.random.key_data(state.rng) if _is_typed_key(state.rng) else state.rng
-  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+  tree = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
           'opt_state': state.opt_state, 'rng': rng}
+  if getattr(state, 'ema', None) is not None:  # runs without an EMA keep the layout they had
+    tree['ema'] = state.ema
+  return tree
 
 
 @jax.jit
@@ -223,6 +228,12 @@ class Checkpoints:
       raise CheckpointError(
           f'checkpoint {step_dir} is of another architecture ({mismatch}); use another workdir, '
           f'or transfer.init_from with transfer.exclude to load the parts that fit.')
+    saved_ema, target_ema = (any(p.startswith('ema/') for p in s) for s in (saved, target))
+    if saved_ema != target_ema:
+      raise CheckpointError(
+          f'checkpoint {step_dir} was written {"with" if saved_ema else "without"} a moving '
+          f'average of the weights (train.ema_decay); resume with the train.ema_decay it had, or '
+          f'use another workdir with transfer.init_from={step_dir} to start from its weights.')
     mismatch = describe_mismatch(saved, target)
     if mismatch:
       raise CheckpointError(
@@ -262,8 +273,10 @@ class Checkpoints:
     rng = tree['rng']
     if meta.get('rng_impl'):
       rng = jax.random.wrap_key_data(rng, impl=meta['rng_impl'])
+    ema = {'ema': tree['ema']} if 'ema' in tree else {}  # the state asked for it (state_tree)
     return state.replace(step=tree['step'], params=tree['params'],
-                         batch_stats=tree['batch_stats'], opt_state=tree['opt_state'], rng=rng)
+                         batch_stats=tree['batch_stats'], opt_state=tree['opt_state'], rng=rng,
+                         **ema)
 
   def _finish_pending(self) -> None:
     """Waits for the save in flight; its failure becomes a TrainingError (see `_failed`)."""

@@ -3,7 +3,8 @@ words for parameters that do not fit.
 
 `load_variables(path)` reads just `params` and `batch_stats` of any cnnjax checkpoint (a workdir,
 its `checkpoints/` directory or one step directory) as host arrays, without the optimizer state
-and without building a `TrainState`. `describe_mismatch` names the missing, unexpected and
+and without building a `TrainState`; of a run with `train.ema_decay` it reads the moving average
+of the weights (`ema/`, the model such a run delivers) unless `ema=False`. `describe_mismatch` names the missing, unexpected and
 shape-mismatched paths between two `shapes_by_path` dicts; the checkpoint manager, transfer
 learning and `--visualize` word their refusals with it.
 """
@@ -72,8 +73,16 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
                         f'in {path / "checkpoints"}).')
 
 
-def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
-  """({'params': ..., 'batch_stats': ...} as host NumPy arrays, step directory) of a checkpoint."""
+def holds_ema(step_dir: pathlib.Path) -> bool:
+  """Whether the checkpoint in `step_dir` has a moving average of the weights."""
+  saved = metadata_tree(ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state'))
+  return isinstance(saved, dict) and bool(saved.get('ema'))
+
+
+def load_variables(path: str | pathlib.Path,
+                   ema: bool = True) -> tuple[dict[str, Any], pathlib.Path]:
+  """({'params': ..., 'batch_stats': ...} as host NumPy arrays, step directory) of a checkpoint:
+  its moving average of the weights if it has one and `ema`, else the trained weights."""
   step_dir = find_checkpoint(path)
   # The item's handler, not a Checkpointer: a Checkpointer looks for the step-level metadata file
   # inside the item directory and logs a warning that it is missing (CheckpointManager keeps it
@@ -84,9 +93,13 @@ def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Pa
     if not isinstance(saved, dict) or 'params' not in saved:
       raise CheckpointError(f'{step_dir} is not a cnnjax checkpoint (it has no params).')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+    source = 'ema' if ema and saved.get('ema') else None
 
-    def wanted(path, leaf):
-      if path[0].key in ('params', 'batch_stats'):
+    def wanted(path, leaf):  # params/... and batch_stats/..., under ema/ when reading the EMA
+      keys = [getattr(p, 'key', None) for p in path]
+      if source:
+        keys = keys[1:] if keys[0] == source else [None]
+      if keys and keys[0] in ('params', 'batch_stats'):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
       return ocp.PLACEHOLDER
     target = jax.tree_util.tree_map_with_path(wanted, saved)
@@ -97,6 +110,7 @@ def load_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Pa
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'checkpoint {step_dir} is unreadable ({type(e).__name__}: '
                           f'{str(e)[:300]}).') from e
+  restored = restored[source] if source else restored
   variables = {k: jax.device_get(restored[k]) for k in ('params', 'batch_stats')
                if restored.get(k)}
   return variables, step_dir

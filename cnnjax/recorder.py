@@ -61,10 +61,11 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def named_test_metrics(evaluation: dict) -> dict[str, float]:
+def named_test_metrics(evaluation: dict, split: str = 'test') -> dict[str, float]:
   """{'test_loss', 'test_accuracy', 'test_top5_accuracy'} of an `evaluate` result: the names the
-  checkpoints store and `checkpoint.best_metric` chooses from."""
-  return {f'test_{k}': float(v) for k, v in evaluation.items() if k not in ('count', 'step')}
+  checkpoints store and `checkpoint.best_metric` chooses from (`split='test_ema'`: the moving
+  average of the weights, 'test_ema_accuracy' and so on)."""
+  return {f'{split}_{k}': float(v) for k, v in evaluation.items() if k not in ('count', 'step')}
 
 
 def summarize(step: int, evaluations: dict[int, dict], best_metric: str, minimize: bool,
@@ -87,6 +88,7 @@ def summarize(step: int, evaluations: dict[int, dict], best_metric: str, minimiz
   return {
       **extra, 'steps': step, 'preempted': preempted,
       'final_test_accuracy': final.get('test_accuracy') if final else None,
+      'final_test_ema_accuracy': final.get('test_ema_accuracy') if final else None,
       'last_evaluation_step': last,
       'last_test_accuracy': evaluations[last].get('test_accuracy') if last is not None else None,
       'best_metric': best_metric or None, 'best_step': best,
@@ -108,6 +110,8 @@ def summary_line(result: dict, workdir: str | pathlib.Path) -> str:
   head += f'preempted at step {step}' if result['preempted'] else f'finished step {step}'
   if result['final_test_accuracy'] is not None:
     test = f"test accuracy final {result['final_test_accuracy']:.2%}"
+    if result.get('final_test_ema_accuracy') is not None:
+      test += f" (EMA weights {result['final_test_ema_accuracy']:.2%})"
   elif result['last_test_accuracy'] is not None:
     test = (f'not evaluated at step {step} (test accuracy {result["last_test_accuracy"]:.2%} at '
             f'step {result["last_evaluation_step"]})')

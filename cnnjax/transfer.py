@@ -4,7 +4,8 @@
 (after initializing the model, before resuming, so a resumed run keeps its own weights). The
 source `transfer.init_from` is
 
-* a cnnjax checkpoint: a workdir, its `checkpoints/` directory, or one step directory in it;
+* a cnnjax checkpoint: a workdir, its `checkpoints/` directory, or one step directory in it
+  (of a run with `train.ema_decay`: its moving average of the weights, cnnjax/ema.py);
 * a torchvision state_dict: `.safetensors` (no torch needed) or `.pth`/`.pt` (read with
   `torch.load(weights_only=True)`), for every torchvision model of the zoo (see
   cnnjax/torchvision_weights.py for the name map and layouts; GoogLeNet's and Inception v3's
@@ -52,8 +53,9 @@ def load_source(path: str | pathlib.Path, model_name: str) -> tuple[Flat, str]:
             if path.suffix.lower() in torchvision_weights.SUFFIXES else '')
     raise CheckpointError(f'transfer.init_from {path} does not exist{hint}.')
   if path.is_dir():
-    variables, step_dir = checkpoint.load_variables(path)
-    return flatten_variables(variables), f'checkpoint {step_dir}'
+    variables, step_dir = checkpoint.load_variables(path)  # a run's EMA weights if it kept one
+    ema = ' (its moving average of the weights)' if checkpoint.holds_ema(step_dir) else ''
+    return flatten_variables(variables), f'checkpoint {step_dir}{ema}'
   state_dict = torchvision_weights.read_state_dict(path)
   heads = torchvision_weights.aux_heads(state_dict, model_name)
   if heads and jax.process_index() == 0:
