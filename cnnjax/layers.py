@@ -11,8 +11,9 @@ so that torchvision weights port by transposition alone:
 * the default initializers are PyTorch's (uniform in +-1/sqrt(fan_in) for weights and biases);
 * BatchNorm uses eps=1e-5 and updates its running variance with the unbiased batch variance.
 
-On the CPU, `Conv2d` with very few channels and tiling pools take the fast paths of
-`cnnjax.fast_paths` (same results, faster under XLA:CPU).
+On the CPU, `Conv2d` runs on oneDNN's convolutions (`cnnjax.kernels`, when its library is
+built; ``CNNJAX_ONEDNN=0`` turns it off), convolutions with very few channels and tiling pools
+take the fast paths of `cnnjax.fast_paths` (same results, faster under XLA:CPU).
 
 Momentum conventions differ between the frameworks: Flax keeps ``momentum`` as the weight of the
 *old* running statistic, PyTorch as the weight of the *new* batch statistic. Flax 0.9 == PyTorch
@@ -27,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax import fast_paths, kernels
 from cnnjax.errors import ShapeError
 from cnnjax.fast_paths import conv_space_to_depth, space_to_depth_block, tiled
 from cnnjax.shapes import Padding, conv_output_size, explicit_padding, pair, pool_padding
@@ -92,11 +94,16 @@ class Conv2d(nn.Module):
                         (*kernel_size, in_channels // self.groups, self.features), jnp.float32)
     bias = (self.param('bias', self.bias_init or default_init, (self.features,), jnp.float32)
             if self.use_bias else None)
+    param = kernel
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     block = space_to_depth_block(in_channels, self.features, kernel_size, stride, dilation,
                                  self.groups)
     if block > 1:
       y = conv_space_to_depth(x, kernel, padding, block)
+    elif fast_paths._enabled() and kernels.supports(x, kernel, padding) and kernels.active():
+      # The float32 parameter itself: oneDNN rounds it to x's dtype and returns a float32 gradient.
+      y = kernels.conv2d(x, param if param.dtype == jnp.float32 else kernel, stride, padding,
+                         dilation, self.groups)
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel, stride, padding, rhs_dilation=dilation,

@@ -1,0 +1,75 @@
+"""CPU kernels called through ``jax.ffi``: oneDNN's convolutions (float32 and bfloat16).
+
+`cnnjax.layers.Conv2d` computes its convolutions with `conv2d` on the CPU when the library
+loads (see `cnnjax.kernels.loader`), and with XLA's ``lax.conv_general_dilated`` otherwise: on
+other backends, platforms, after a failed build, or when switched off with ``CNNJAX_ONEDNN=0``
+or `use_onednn(False)`. `backend()` says which is active and on which instruction set.
+
+* ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
+* ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
+* ``loader.py``: loads and registers it on first use, and says once why it cannot;
+* ``conv.py`` / ``partition.py``: the custom-VJP JAX function and its batch partitioning.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+from cnnjax.kernels.loader import ENV_SWITCH, KernelUnavailableWarning, library, unavailable_reason
+
+_USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=True)
+
+
+@contextlib.contextmanager
+def use_onednn(enabled: bool) -> Iterator[None]:
+  """Turns the oneDNN convolutions on or off for the convolutions traced inside."""
+  token = _USE_ONEDNN.set(enabled)
+  try:
+    yield
+  finally:
+    _USE_ONEDNN.reset(token)
+
+
+def active() -> bool:
+  """Whether a convolution traced now runs on oneDNN (loads the library on the first call;
+  if it cannot load, warns once with the reason)."""
+  import jax
+  return (_USE_ONEDNN.get() and jax.default_backend() == 'cpu' and library() is not None)
+
+
+def backend() -> dict:
+  """Which convolution backend is active here, and why: ``{'conv': 'onednn' | 'xla', ...}``
+  with oneDNN's version, the instruction set it dispatches to and the library path, or the reason
+  it is not used."""
+  import jax
+  lib = library(warn=False)
+  if jax.default_backend() != 'cpu':
+    return {'conv': 'xla', 'reason': f'the default backend is {jax.default_backend()}'}
+  if lib is None:
+    return {'conv': 'xla', 'reason': unavailable_reason()}
+  info = {'conv': 'onednn' if _USE_ONEDNN.get() else 'xla', 'onednn': lib.onednn_version,
+          'isa': lib.isa, 'bfloat16': 'native' if lib.bf16_native else 'computed in float32',
+          'library': lib.path}
+  if not _USE_ONEDNN.get():
+    info['reason'] = 'switched off by use_onednn(False)'
+  for kind in ('forward', 'backward_data', 'backward_weights'):
+    if lib.last_impl(kind):
+      info[f'last_{kind}'] = lib.last_impl(kind)
+  return info
+
+
+def conv2d(*args, **kwargs):
+  """oneDNN's convolution (`cnnjax.kernels.conv.conv2d`); call it only when `active()`."""
+  from cnnjax.kernels.conv import conv2d as impl
+  return impl(*args, **kwargs)
+
+
+def supports(*args, **kwargs) -> bool:
+  """Whether `conv2d` computes a convolution of these operands (`cnnjax.kernels.conv.supports`)."""
+  from cnnjax.kernels.conv import supports as impl
+  return impl(*args, **kwargs)
+
+
+__all__ = ['ENV_SWITCH', 'KernelUnavailableWarning', 'active', 'backend', 'conv2d', 'supports',
+           'use_onednn']

@@ -1,0 +1,125 @@
+"""`conv2d`: oneDNN's convolution as a JAX function, differentiable through a custom VJP.
+
+The three passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (forward: y from x
+and w; backward-data: dx from dy and w; backward-weights: dw from x and dy), so they run inside
+``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
+bfloat16, float32 accumulation); the kernel may stay float32 when the activations are bfloat16:
+oneDNN converts it while reordering it, and returns its gradient in float32 directly. On CPUs
+where oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2) bfloat16 convolutions are
+computed in float32 and rounded to bfloat16.
+
+Each pass is wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a batch
+sharded over devices every device runs the kernel on its own rows (the kernel gradient is summed
+over the batch axes); under ``jax.pmap`` each device calls it on its shard anyway.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from cnnjax.kernels import loader
+from cnnjax.kernels.partition import batch_partitioned
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+  """The static part of a convolution: strides, explicit (lo, hi) paddings, dilations, groups."""
+  stride: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  dilation: tuple[int, int]
+  groups: int
+
+  def attrs(self) -> dict:
+    (pt, pb), (pl, pr) = self.padding
+    return dict(stride_h=self.stride[0], stride_w=self.stride[1], pad_top=pt, pad_bottom=pb,
+                pad_left=pl, pad_right=pr, dilation_h=self.dilation[0],
+                dilation_w=self.dilation[1], groups=self.groups)
+
+  def output_hw(self, in_hw, kernel_hw) -> tuple[int, int]:
+    return tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, (lo, hi), d, k, s in
+                 zip(in_hw, self.padding, self.dilation, kernel_hw, self.stride))
+
+
+def _call(target: str, result: jax.ShapeDtypeStruct, spec: ConvSpec, a, b):
+  return jax.ffi.ffi_call(loader.TARGETS[target], result, vmap_method='sequential')(
+      a, b, **spec.attrs())
+
+
+@functools.lru_cache(maxsize=None)
+def _pass(kind: str, spec: ConvSpec, static: tuple):
+  """One pass as a function of its two operands (per-device shards under a sharded jit).
+
+  `static`: () for 'forward', x's (H, W, C) for 'backward_data', the kernel's shape and dtype
+  for 'backward_weights'.
+  """
+  def fn(a, b):
+    if kind == 'forward':      # a: x, b: kernel
+      oh, ow = spec.output_hw(a.shape[1:3], b.shape[:2])
+      result = jax.ShapeDtypeStruct((a.shape[0], oh, ow, b.shape[3]), a.dtype)
+    elif kind == 'backward_data':   # a: dy, b: kernel
+      result = jax.ShapeDtypeStruct((a.shape[0], *static), a.dtype)
+    else:                            # a: x, b: dy
+      result = jax.ShapeDtypeStruct(*static)
+    return _call(kind, result, spec, a, b)
+  return batch_partitioned(kind, fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(spec: ConvSpec, x, w):
+  return _pass('forward', spec, ())(x, w)
+
+
+def _conv_fwd(spec, x, w):
+  return _conv(spec, x, w), (x, w)
+
+
+def _conv_bwd(spec, residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  dx = _pass('backward_data', spec, tuple(x.shape[1:]))(dy, w)
+  dw = _pass('backward_weights', spec, (tuple(w.shape), w.dtype))(x, dy)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride, padding, dilation=(1, 1),
+           groups: int = 1) -> jax.Array:
+  """NHWC x HWIO convolution by oneDNN: ``lax.conv_general_dilated(x, kernel, stride, padding,
+  rhs_dilation=dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  feature_group_count=groups)`` in x's dtype; `padding` is explicit ((top, bottom), (left, right)).
+
+  The kernel may be float32 with bfloat16 `x` (its gradient is then float32). Call only when
+  `supports` says yes.
+  """
+  stride, padding = tuple(stride), tuple(tuple(p) for p in padding)
+  if kernel.shape[:2] == (1, 1) and stride != (1, 1) and padding == ((0, 0), (0, 0)):
+    # A strided 1x1 convolution is a 1x1 convolution of every s-th pixel (what oneDNN does
+    # inside too; its jit_1x1 backward-weights with stride and 3 channels corrupts memory).
+    x, stride = x[:, ::stride[0], ::stride[1]], (1, 1)
+  spec = ConvSpec(stride, padding, tuple(dilation), groups)
+  lib = loader.library()
+  if lib is None:
+    raise RuntimeError(f'the oneDNN convolutions are unavailable: {loader.unavailable_reason()}')
+  if x.dtype == jnp.bfloat16 and not lib.bf16_native:
+    # No bfloat16 convolutions on this CPU: bfloat16 values, float32 arithmetic, bfloat16 out.
+    # The kernel is rounded to bfloat16 as oneDNN would, its gradient stays float32 as well.
+    kernel = kernel.astype(jnp.float32)
+    kernel = kernel + jax.lax.stop_gradient(kernel.astype(x.dtype).astype(jnp.float32) - kernel)
+    return _conv(spec, x.astype(jnp.float32), kernel).astype(x.dtype)
+  if kernel.dtype != x.dtype and x.dtype != jnp.bfloat16:
+    kernel = kernel.astype(x.dtype)
+  return _conv(spec, x, kernel)
+
+
+def supports(x: jax.Array, kernel: jax.Array, padding) -> bool:
+  """Whether `conv2d` computes this convolution (float32/bfloat16, padding >= 0, no empty axes)."""
+  return (x.dtype in SUPPORTED_DTYPES and kernel.dtype in SUPPORTED_DTYPES
+          and all(p >= 0 for pair in padding for p in pair)
+          and all(d > 0 for d in (*x.shape, *kernel.shape)))
