@@ -240,8 +240,10 @@ def test_offline_tfds_dataset_fails_fast_naming_the_dir(tmp_path):
   elapsed = time.perf_counter() - start
   assert elapsed < 10, elapsed
   message = str(e.value)
-  assert str(empty) in message and 'tfds build cifar10' in message and 'TFDS_DATA_DIR' in message
+  assert str(empty) in message and "tfds.builder('cifar10'" in message and 'TFDS_DATA_DIR' in message
   assert '\n' not in message
+  command = message.split('`python -c "')[1].split('"`')[0]  # the advice is a runnable program
+  compile(command, '<advice>', 'exec')
 
 
 def test_tfds_data_dir_env_is_honoured(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_missing_tfds_data_fails_fast_with_directions(tmp_path):
   proc = run_cli('--experiment', 'cifar_resnet', f'--config.data.data_dir={tmp_path}')
   assert time.time() - start < 30        # includes interpreter + JAX start-up; tfds gives up in < 10 s
   assert proc.returncode == 2
-  assert str(tmp_path) in proc.stderr and 'tfds build cifar10' in proc.stderr
+  assert str(tmp_path) in proc.stderr and "tfds.builder('cifar10'" in proc.stderr
 
 
 def test_list_names_every_experiment():

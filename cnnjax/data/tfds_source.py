@@ -112,7 +112,8 @@ def _not_available(name: str, data_dir: str, builder, urls: list[str]) -> DataEr
   return DataError(
       f'Dataset {name} is not prepared in {data_dir} (looked for {builder.data_dir}) and '
       f'{hosts} cannot be reached to download it: on a machine with internet run '
-      f'`tfds build {name} --data_dir {data_dir}` and copy that folder here, or point '
+      f'`python -c "import tensorflow_datasets as tfds; tfds.builder(\'{name}\', '
+      f'data_dir=\'{data_dir}\').download_and_prepare()"` and copy that folder here, or point '
       f'TFDS_DATA_DIR (or data_dir) at a folder that holds it.')
 
 
