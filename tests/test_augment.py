@@ -145,3 +145,109 @@ def test_bad_arguments_raise_value_error():
     augment.random_crop(jax.random.key(0), x, -1)
   with pytest.raises(ValueError, match='Reflect padding'):
     augment.random_crop(jax.random.key(0), x, H, 'reflect')
+
+
+# ---------------------------------------------------------------------------------------------
+# Random erasing: torchvision's RandomErasing given the same uniform draws, and its effect.
+
+def test_erasing_boxes_are_torchvisions(monkeypatch):
+  torch = pytest.importorskip('torch')
+  v2_augment = pytest.importorskip('torchvision.transforms.v2._augment')
+  tv2 = pytest.importorskip('torchvision.transforms.v2')
+  h, w = 24, 8
+  draws = np.array(jax.random.uniform(jax.random.key(0), (300, 4, augment.ERASING_TRIES)))
+  draws[:5, 0], draws[:5, 1] = 0.999, 0.0   # wide boxes of 1/3 of the area fit in no try
+  ours = jax.jit(jax.vmap(lambda d: augment.erasing_box(d, h, w)))(draws)
+  top, left, eh, ew, found = (np.asarray(a) for a in ours)
+  eraser = tv2.RandomErasing(p=1.0)   # scale (0.02, 0.33), ratio (0.3, 3.3), value 0
+  image = torch.zeros(3, h, w)
+  none_found = 0
+  for n, d in enumerate(draws):
+    fake = _ScriptedTorch(torch, d)
+    monkeypatch.setattr(v2_augment, 'torch', fake)
+    params = eraser.make_params([image])
+    monkeypatch.undo()
+    if params['v'] is None:   # torchvision's "no try fitted": erase nothing
+      assert not found[n], n
+      none_found += 1
+    else:
+      assert found[n], n
+      assert (params['i'], params['j'], params['h'], params['w']) == (
+          top[n], left[n], eh[n], ew[n]), n
+  assert 5 <= none_found < 20
+
+
+class _ScriptedTorch:
+  """Stands in for `torch` inside torchvision's v2 `_augment` module: each try's two `uniform_`
+  calls and the successful try's two `randint` calls get the draws cnnjax's `erasing_box` uses
+  (per try: area fraction, log ratio, top, left; randint(0, n) = floor(u * n))."""
+
+  def __init__(self, torch, draws):
+    self._torch = torch
+    self._draws = np.asarray(draws, np.float32)
+    self._uniform_calls = 0
+    self._randint_calls = 0
+
+  def __getattr__(self, name):
+    return getattr(self._torch, name)
+
+  def empty(self, *args, **kwargs):
+    outer = self
+
+    class Uniform:
+      def uniform_(self, low, high):
+        row, try_ = outer._uniform_calls % 2, outer._uniform_calls // 2
+        outer._uniform_calls += 1
+        low, high = np.float32(low), np.float32(high)
+        return outer._torch.tensor([low + outer._draws[row, try_] * (high - low)])
+    return Uniform()
+
+  def randint(self, low, high, size):
+    try_ = (self._uniform_calls - 1) // 2   # the try whose size fitted
+    u = self._draws[2 + self._randint_calls, try_]
+    self._randint_calls += 1
+    return self._torch.tensor([int(np.floor(u * np.float32(high)))])
+
+
+@pytest.fixture(scope='module')
+def erase_fn():
+  return jax.jit(augment.random_erasing, static_argnames=('prob', 'mode'))
+
+
+@pytest.mark.parametrize('mode', ['zero', 'pixel'])
+def test_random_erasing_fills_one_rectangle_per_chosen_image(erase_fn, mode):
+  n, h, w = 400, 16, 12
+  x = np.random.default_rng(0).uniform(5, 6, (n, h, w, 3)).astype(np.float32)  # never 0
+  out = np.asarray(erase_fn(jax.random.key(1), x, prob=0.5, mode=mode))
+  changed = out != x
+  erased = changed.any(axis=(1, 2, 3))
+  assert 0.4 < erased.mean() < 0.55   # p = 0.5, less the rare draws where no try fits
+  areas = []
+  for image, mask in zip(out[erased], changed[erased]):
+    rows, cols = np.nonzero(mask.any(-1))
+    box = np.s_[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert mask[box].all()   # one solid rectangle, all channels
+    assert mask.sum() == mask[box].size
+    areas.append(mask[box].shape[0] * mask[box].shape[1] / (h * w))
+    if mode == 'zero':
+      assert (image[box] == 0).all()
+  assert 0.02 - 0.02 <= min(areas) and max(areas) < 0.5 and 0.1 < np.mean(areas) < 0.25
+  if mode == 'pixel':
+    values = out[changed]
+    assert abs(values.mean()) < 0.1 and abs(values.std() - 1) < 0.1
+  np.testing.assert_array_equal(erase_fn(jax.random.key(1), x[:8], prob=0.0, mode=mode), x[:8])
+
+
+def test_erasing_a_slice_of_the_batch_is_erasing_it_in_the_whole_batch(erase_fn):
+  x = np.ones((400, 16, 12, 3), np.float32)
+  whole = np.asarray(erase_fn(jax.random.key(2), x, prob=0.5, mode='zero'))
+  part = np.asarray(erase_fn(jax.random.key(2), x[:200], prob=0.5, mode='zero', first_index=200))
+  np.testing.assert_array_equal(part, whole[200:])
+
+
+def test_bad_erasing_settings_are_config_errors():
+  from cnnjax.errors import ConfigError
+  with pytest.raises(ConfigError, match='probability'):
+    augment.random_erasing(jax.random.key(0), np.zeros((1, 4, 4, 1), np.float32), 1.5)
+  with pytest.raises(ConfigError, match='mode'):
+    augment.check_erasing(0.5, 'random')
