@@ -7,6 +7,7 @@ outputs in eval and train mode.
 from __future__ import annotations
 
 from functools import partial
+import importlib.util
 import re
 import sys
 
@@ -22,10 +23,13 @@ ATOL = RTOL = 1e-4
 def import_torch():
   """torch and torchvision, or a skip (also when TensorFlow is loaded: importing torchvision
   after TensorFlow crashes this interpreter)."""
+  for name in ('torch', 'torchvision'):
+    if importlib.util.find_spec(name) is None:
+      pytest.skip(f'{name} is not installed (pip install -e ".[torch]")')
   if 'tensorflow' in sys.modules and 'torchvision' not in sys.modules:
     pytest.skip('torchvision cannot be imported after tensorflow in one process')
-  torch = pytest.importorskip('torch')
-  pytest.importorskip('torchvision')
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   return torch
 
 
