@@ -40,7 +40,12 @@ def lib():
   if build.supported_platform():
     pytest.skip(f'no oneDNN convolutions here: {build.supported_platform()}')
   if not os.path.exists(build.default_library_path()):
-    build.build()   # raises (fails the tests) when it cannot build on Linux x86_64
+    try:
+      build.build()   # any other failure to build on Linux x86_64 fails the tests
+    except build.BuildError as e:
+      if 'no C++ compiler' not in str(e):
+        raise
+      pytest.skip(f'cannot build the oneDNN convolutions: {e}')
     loader.forget()
   found = loader.library(warn=False)
   assert found is not None, loader.unavailable_reason()
