@@ -184,17 +184,23 @@ def _contrast(image, p):
 
 
 def _sharpness(image, p):
-  """Blend with the 3x3 smoothing [[1,1,1],[1,5,1],[1,1,1]]/13 (rounded); borders kept."""
+  """Blend with the 3x3 smoothing [[1,1,1],[1,5,1],[1,1,1]]/13 (rounded); borders kept.
+
+  The smoothing is exact in integers: its value S / 13 (S an integer) is never within 1/26 of
+  a tie, so rounding torch's float32 convolution equals (2 S + 13) // 26."""
   h, w, _ = image.shape
   if h <= 2 or w <= 2:
     return image
-  x = image.astype(jnp.float32)
-  a, b = np.float32(1 / 13), np.float32(5 / 13)
-  blurred = sum((b if (dy, dx) == (1, 1) else a) * x[dy:h - 2 + dy, dx:w - 2 + dx]
-                for dy in range(3) for dx in range(3))
+  x = image.astype(jnp.int32)
+  total = sum(x[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3))
   center = x[1:-1, 1:-1]
-  inner = center + (jnp.round(blurred) - center) * p[1]
-  return jnp.clip(x.at[1:-1, 1:-1].set(inner), 0, 255).astype(jnp.uint8)
+  blurred = (2 * (total + 4 * center) + 13) // 26
+  center = center.astype(jnp.float32)
+  inner = center + (blurred.astype(jnp.float32) - center) * p[1]
+  inner = jnp.pad(jnp.clip(inner, 0, 255).astype(jnp.uint8), ((1, 1), (1, 1), (0, 0)))
+  rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  border = (rows == 0) | (rows == h - 1) | (cols == 0) | (cols == w - 1)
+  return jnp.where(border[..., None], image, inner)
 
 
 def _posterize(image, p):
