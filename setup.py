@@ -21,19 +21,25 @@ _spec.loader.exec_module(kernel_build)
 
 
 class BuildKernels(build_ext):
-  """Compiles the kernel library with `cnnjax.kernels.build`; a failure is recorded, not fatal."""
+  """Compiles the kernel library with `cnnjax.kernels.build`; a failure is recorded, not fatal
+  (the extension is then dropped, so nothing tries to copy or record a library that is not there).
+  """
 
-  def build_extension(self, ext):
-    path = self.get_ext_fullpath(ext.name)
-    reason = kernel_build.build_or_record(path)
-    # An editable install copies only the library into the source tree: the reason goes there too.
-    in_tree = kernel_build.error_file(kernel_build.default_library_path())
-    if reason:
-      self.warn(f"cnnjax: oneDNN convolutions not built ({reason}); cnnjax uses XLA's.")
-      with open(in_tree, 'w') as f:
-        f.write(reason + '\n')
-    elif os.path.exists(in_tree):
-      os.remove(in_tree)
+  def build_extensions(self):
+    built = []
+    for ext in self.extensions:
+      reason = kernel_build.build_or_record(self.get_ext_fullpath(ext.name))
+      # An editable install copies only the library into the source tree: the reason goes there.
+      in_tree = kernel_build.error_file(kernel_build.default_library_path())
+      if reason:
+        self.warn(f"cnnjax: oneDNN convolutions not built ({reason}); cnnjax uses XLA's.")
+        with open(in_tree, 'w') as f:
+          f.write(reason + '\n')
+      else:
+        built.append(ext)
+        if os.path.exists(in_tree):
+          os.remove(in_tree)
+    self.extensions[:] = built
 
 
 setup(
