@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 from typing import Iterator
 
+from cnnjax.kernels import loader
 from cnnjax.kernels.loader import ENV_SWITCH, KernelUnavailableWarning, library, unavailable_reason
 
 _USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=True)
@@ -53,7 +54,7 @@ def backend() -> dict:
           'library': lib.path}
   if not _USE_ONEDNN.get():
     info['reason'] = 'switched off by use_onednn(False)'
-  for kind in ('forward', 'backward_data', 'backward_weights'):
+  for kind in loader.PASSES:
     if lib.last_impl(kind):
       info[f'last_{kind}'] = lib.last_impl(kind)
   return info

@@ -1,16 +1,16 @@
 """`conv2d`: oneDNN's convolution as a JAX function, differentiable through a custom VJP.
 
-The three passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (forward: y from x
-and w; backward-data: dx from dy and w; backward-weights: dw from x and dy), so they run inside
-``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
+The two passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (forward: y from x
+and w; backward: dx and dw from x, w and dy, oneDNN's backward-data then backward-weights), so
+they run inside ``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
 bfloat16, float32 accumulation); the kernel may stay float32 when the activations are bfloat16:
 oneDNN converts it while reordering it, and returns its gradient in float32 directly. On CPUs
 where oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2) bfloat16 convolutions are
 computed in float32 and rounded to bfloat16.
 
-Each pass is wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a batch
-sharded over devices every device runs the kernel on its own rows (the kernel gradient is summed
-over the batch axes); under ``jax.pmap`` each device calls it on its shard anyway.
+Both passes are wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a
+batch sharded over devices every device runs the kernel on its own rows (the kernel gradient is
+summed over the batch axes); under ``jax.pmap`` each device calls it on its shard anyway.
 """
 from __future__ import annotations
 
@@ -43,33 +43,26 @@ class ConvSpec:
                  zip(in_hw, self.padding, self.dilation, kernel_hw, self.stride))
 
 
-def _call(target: str, result: jax.ShapeDtypeStruct, spec: ConvSpec, a, b):
-  return jax.ffi.ffi_call(loader.TARGETS[target], result, vmap_method='sequential')(
-      a, b, **spec.attrs())
-
-
 @functools.lru_cache(maxsize=None)
-def _pass(kind: str, spec: ConvSpec, static: tuple):
-  """One pass as a function of its two operands (per-device shards under a sharded jit).
+def _pass(kind: str, spec: ConvSpec):
+  """'forward' (x, w) -> y or 'backward' (x, w, dy) -> (dx, dw), as a function of per-device
+  shards under a sharded jit."""
+  def forward(x, w):
+    oh, ow = spec.output_hw(x.shape[1:3], w.shape[:2])
+    result = jax.ShapeDtypeStruct((x.shape[0], oh, ow, w.shape[3]), x.dtype)
+    return jax.ffi.ffi_call(loader.TARGETS['forward'], result, vmap_method='sequential')(
+        x, w, **spec.attrs())
 
-  `static`: () for 'forward', x's (H, W, C) for 'backward_data', the kernel's shape and dtype
-  for 'backward_weights'.
-  """
-  def fn(a, b):
-    if kind == 'forward':      # a: x, b: kernel
-      oh, ow = spec.output_hw(a.shape[1:3], b.shape[:2])
-      result = jax.ShapeDtypeStruct((a.shape[0], oh, ow, b.shape[3]), a.dtype)
-    elif kind == 'backward_data':   # a: dy, b: kernel
-      result = jax.ShapeDtypeStruct((a.shape[0], *static), a.dtype)
-    else:                            # a: x, b: dy
-      result = jax.ShapeDtypeStruct(*static)
-    return _call(kind, result, spec, a, b)
-  return batch_partitioned(kind, fn)
+  def backward(x, w, dy):
+    results = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+    return tuple(jax.ffi.ffi_call(loader.TARGETS['backward'], results, vmap_method='sequential')(
+        x, w, dy, **spec.attrs()))
+  return batch_partitioned(kind, forward if kind == 'forward' else backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec: ConvSpec, x, w):
-  return _pass('forward', spec, ())(x, w)
+  return _pass('forward', spec)(x, w)
 
 
 def _conv_fwd(spec, x, w):
@@ -78,10 +71,7 @@ def _conv_fwd(spec, x, w):
 
 def _conv_bwd(spec, residuals, dy):
   x, w = residuals
-  dy = dy.astype(x.dtype)
-  dx = _pass('backward_data', spec, tuple(x.shape[1:]))(dy, w)
-  dw = _pass('backward_weights', spec, (tuple(w.shape), w.dtype))(x, dy)
-  return dx, dw
+  return _pass('backward', spec)(x, w, dy.astype(x.dtype))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

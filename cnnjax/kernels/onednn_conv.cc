@@ -1,4 +1,5 @@
-// oneDNN 2-D convolutions as XLA FFI handlers: forward, backward-data, backward-weights.
+// oneDNN 2-D convolutions as XLA FFI handlers: the forward pass, and the backward pass (input
+// and kernel gradients, backward-data then backward-weights).
 //
 // Activations are NHWC, kernels HWIO ((kh, kw, in_channels / groups, out_channels)), as in
 // cnnjax.layers.Conv2d. The compute type is the activations' (float32 or bfloat16; oneDNN
@@ -231,33 +232,32 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
   return run(g, Pass::kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
-ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                        int64_t dh, int64_t dw, int64_t groups) {
+// Both gradients in one call, one after the other: two separate calls could run at the same
+// time on XLA's threads, each with its own OpenMP team, and oversubscribe the cores.
+ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw_, int64_t sh,
+                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh,
+                    int64_t dw, int64_t groups) {
   Geometry g;
-  auto err = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dy.element_type(),
+  auto err = geometry(x.dimensions(), w.dimensions(), dy.dimensions(), x.element_type(),
                       w.element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
   if (!err.success()) return err;
-  return run(g, Pass::kBackwardData, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
-}
-
-ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw_,
-                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                           int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
-  Geometry g;
-  auto err = geometry(x.dimensions(), dw_->dimensions(), dy.dimensions(), x.element_type(),
-                      dw_->element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
+  if (dy.element_type() != x.element_type() || dx->element_type() != x.element_type() ||
+      dw_->element_type() != w.element_type())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "cnnjax onednn conv: gradient dtypes must match x and w");
+  err = run(g, Pass::kBackwardData, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
   if (!err.success()) return err;
-  return run(g, Pass::kBackwardWeights, x.untyped_data(), dw_->untyped_data(), dy.untyped_data());
+  return run(g, Pass::kBackwardWeights, x.untyped_data(), dw_->untyped_data(),
+             dy.untyped_data());
 }
 
 }  // namespace
 
-// The library is built with -fvisibility=hidden: only these four symbols are exported.
+// The library is built with -fvisibility=hidden: only these symbols are exported.
 #define CNNJAX_EXPORT extern "C" __attribute__((visibility("default")))
 CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_forward(XLA_FFI_CallFrame* call_frame);
-CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_data(XLA_FFI_CallFrame* call_frame);
-CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_weights(XLA_FFI_CallFrame* call_frame);
+CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward(XLA_FFI_CallFrame* call_frame);
 CNNJAX_EXPORT const char* cnnjax_conv_last_impl(int pass);
 CNNJAX_EXPORT int cnnjax_conv_bf16_native();
 
@@ -266,13 +266,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                    .Ret<ffi::AnyBuffer>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    cnnjax_conv_backward_data, BackwardData,
-    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                   .Ret<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    cnnjax_conv_backward_weights, BackwardWeights,
-    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                   .Ret<ffi::AnyBuffer>()));
+    cnnjax_conv_backward, Backward,
+    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                   .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
 
 // For cnnjax.kernels.backend(): the oneDNN implementation most recently chosen for each pass
 // (0 forward, 1 backward-data, 2 backward-weights), e.g. "brg_conv_fwd:avx512_core".

@@ -17,11 +17,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # batch sharding through and never asks for the spatial or channel axes to be split.
 _RULES = {
     'forward': 'n h w c, k l i o -> n p q o',
-    'backward_data': 'n p q o, k l i o -> n h w c',
-    'backward_weights': 'n h w c, n p q o -> k l i o',
+    'backward': 'n h w c, k l i o, n p q o -> n h w c, k l i o',
 }
-_BATCHED_ARGS = {'forward': (True, False), 'backward_data': (True, False),
-                 'backward_weights': (True, True)}
+# Per pass: which operands are batched (the rest replicated); which results are batched
+# (True) or sums over the batch (False: psum over the batch's mesh axes).
+_OPERANDS = {'forward': (True, False), 'backward': (True, False, True)}
+_RESULTS = {'forward': True, 'backward': (True, False)}
 
 
 def _batch_axes(sharding):
@@ -39,16 +40,14 @@ def _axis_names(batch) -> tuple:
 
 
 def batch_partitioned(kind: str, fn):
-  """`fn(a, b)` (one convolution pass; `a` batched, `b` batched too for 'backward_weights'),
-  partitioned over the batch axis under ``jax.jit``."""
-  batched = _BATCHED_ARGS[kind]
-  reduce_batch = kind == 'backward_weights'
+  """`fn` (the 'forward' or 'backward' pass) partitioned over the batch axis under ``jax.jit``."""
+  results = _RESULTS[kind]
 
   def shardings(mesh, arg_shapes):
     batch = _batch_axes(arg_shapes[0].sharding)
-    args = tuple(NamedSharding(mesh, P(batch) if b else P()) for b in batched)
-    out = NamedSharding(mesh, P() if reduce_batch else P(batch))
-    return batch, args, out
+    spec = lambda batched: NamedSharding(mesh, P(batch) if batched else P())
+    out = (spec(results) if isinstance(results, bool) else tuple(spec(r) for r in results))
+    return batch, tuple(spec(b) for b in _OPERANDS[kind]), out
 
   def infer(mesh, arg_shapes, result_shape):
     return shardings(mesh, arg_shapes)[2]
@@ -57,9 +56,11 @@ def batch_partitioned(kind: str, fn):
     batch, args, out = shardings(mesh, arg_shapes)
     names = _axis_names(batch)
 
-    def lower(a, b):
-      y = fn(a, b)
-      return jax.lax.psum(y, names) if reduce_batch and names else y
+    def lower(*operands):
+      y = fn(*operands)
+      if isinstance(results, bool) or not names:
+        return y
+      return tuple(r if batched else jax.lax.psum(r, names) for r, batched in zip(y, results))
     return mesh, lower, out, args
 
   wrapped = custom_partitioning(fn)
