@@ -20,6 +20,12 @@ def parse_args(argv):
   parser.add_argument('--visualize', metavar='LAYER', default=None,
                       help="write PNGs of LAYER's feature maps, the first-layer filters and the "
                            "confusion matrix from the workdir's latest checkpoint, then exit")
+  parser.add_argument('--export', metavar='FORMAT', default=None,
+                      help="export the workdir's best checkpoint as stablehlo, onnx, tflite or "
+                           "onnx-int8 into <workdir>/export/, checked against the JAX model, "
+                           "then exit")
+  parser.add_argument('--export-layout', default='nhwc', metavar='nhwc|nchw',
+                      help='input layout of an ONNX export (default: nhwc, as the JAX model)')
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -43,7 +49,10 @@ def main(argv=None) -> int:
     config = config_lib.load_experiment(args.experiment, overrides)
     workdir = pathlib.Path(args.workdir or pathlib.Path('runs') / config.experiment)
     from cnnjax import runner
-    if args.visualize:
+    if args.export:
+      from cnnjax.export import run_export
+      run_export.export_run(config, workdir, args.export, args.export_layout)
+    elif args.visualize:
       from cnnjax import inspect_run
       inspect_run.visualize(config, workdir, args.visualize)
     elif config_lib.experiment_main(args.experiment):

@@ -40,3 +40,8 @@ class WorkdirBusyError(CnnjaxError, RuntimeError):
 
 class TrainingError(CnnjaxError, RuntimeError):
   """Training cannot go on (a NaN loss, a failed save); the last good checkpoint is kept."""
+
+
+class ExportError(CnnjaxError, RuntimeError):
+  """An export that cannot be made here (a missing package, an op its converter lacks) or whose
+  exported model computes other logits than the JAX model; nothing is kept."""

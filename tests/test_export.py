@@ -1,0 +1,217 @@
+"""cnnjax.export and `run.py --export`: a short quickstart run exported to every format, each
+reloaded in its own runtime and compared with the JAX model; one model of every zoo family
+through StableHLO and ONNX at a small input; the check that refuses a wrong export; bad input."""
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+try:  # torchvision imported after TensorFlow (the TFLite route) crashes the interpreter
+  import torchvision  # noqa: F401
+except ImportError:
+  pass
+
+import jax
+import jax.numpy as jnp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import run as run_cli  # noqa: E402
+from cnnjax import config as config_lib
+from cnnjax import data, export, models, runner
+from cnnjax.errors import ExportError  # noqa: E402
+
+onnxruntime = pytest.importorskip('onnxruntime', reason='ONNX export needs onnxruntime')
+pytest.importorskip('jax2onnx', reason='ONNX export needs jax2onnx')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """quickstart cut to 40 steps, evaluated at the end: a workdir with checkpoints."""
+  workdir = tmp_path_factory.mktemp('quickstart')
+  config = config_lib.load_experiment('quickstart', [
+      'train.num_steps=40', 'train.progress_bar=false', 'train.eval_every_steps=20'])
+  runner.run(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def test_split():
+  ds = data.load_dataset('mnist5k')
+  images = ((ds.x_test.astype(np.float32) - np.float32(ds.mean[0])) / np.float32(ds.std[0]))
+  return images.astype(np.float32), ds.y_test
+
+
+def cli_export(workdir, fmt, *extra):
+  return run_cli.main(['--experiment', 'quickstart', '--workdir', str(workdir),
+                       '--export', fmt, *extra])
+
+
+def jax_model_of(workdir):
+  """(model, variables) of the checkpoint the export's metadata names."""
+  from cnnjax import checkpoint
+  model = models.get_model('mnist_cnn', num_classes=10, in_channels=1)
+  meta = json.loads((workdir / 'export' / 'mnist_cnn.onnx.json').read_text())
+  variables, _ = checkpoint.load_variables(meta['source_checkpoint']['directory'])
+  return model, variables
+
+
+def test_cli_exports_every_format_checked_and_described(trained, test_split, capsys):
+  images, labels = test_split
+  for fmt in ('stablehlo', 'onnx', 'tflite', 'onnx-int8'):
+    if fmt == 'tflite':
+      pytest.importorskip('tensorflow', reason='TFLite export needs TensorFlow')
+    assert cli_export(trained, fmt) == 0, capsys.readouterr().err
+  out = capsys.readouterr().out
+  assert out.count('top-1 identical') == 3 and 'int8' in out
+  export_dir = trained / 'export'
+  meta = json.loads((export_dir / 'mnist_cnn.onnx.json').read_text())
+  assert meta['input'] == {'name': 'image', 'shape': [None, 28, 28, 1], 'dtype': 'float32',
+                           'layout': 'NHWC'}
+  assert meta['output']['shape'] == [None, 10]
+  accuracy = {int(p.name): json.loads((p / 'metrics' / 'metrics').read_text())['test_accuracy']
+              for p in (trained / 'checkpoints').glob('[0-9]*')}
+  assert accuracy[meta['source_checkpoint']['step']] == max(accuracy.values())  # the best one
+  assert meta['class_names'] == [str(i) for i in range(10)]
+  assert meta['normalization']['mean'][0] == pytest.approx(33.4, abs=0.5)
+  assert meta['cnnjax_version'] and meta['check']['images'] == 1000
+  assert meta['check']['max_relative_error'] <= 1e-5 and meta['check']['top1_mismatches'] == 0
+
+  # Each file reloads in its own runtime and gives the JAX model's logits at another batch size.
+  model, variables = jax_model_of(trained)
+  x = images[:7]
+  want = np.asarray(model.apply(variables, x))
+  scale = np.abs(want).max()
+  exported = export.stablehlo.load(export_dir / 'mnist_cnn.stablehlo')
+  np.testing.assert_allclose(np.asarray(exported.call(x)), want, atol=1e-5 * scale)
+  session = onnxruntime.InferenceSession(str(export_dir / 'mnist_cnn.onnx'))
+  assert session.get_inputs()[0].shape[0] not in (1, 7)      # a symbolic batch dimension
+  np.testing.assert_allclose(session.run(None, {'image': x})[0], want, atol=1e-5 * scale)
+  if (export_dir / 'mnist_cnn.tflite').exists():
+    run = export.tflite.runner((export_dir / 'mnist_cnn.tflite').read_bytes())
+    np.testing.assert_allclose(run(x), want, atol=1e-5 * scale)
+
+  int8 = json.loads((export_dir / 'mnist_cnn.int8.onnx.json').read_text())['int8']
+  assert int8['size_ratio'] >= 3.5
+  assert int8['float32_accuracy'] - int8['int8_accuracy'] <= 0.015   # 40 steps: ~90% float32
+  assert int8['calibration_images'] == 1000
+  import onnx
+  kinds = {n.op_type for n in onnx.load(str(export_dir / 'mnist_cnn.int8.onnx')).graph.node}
+  assert 'QuantizeLinear' in kinds and 'DequantizeLinear' in kinds
+  plain = {n.op_type for n in onnx.load(str(export_dir / 'mnist_cnn.onnx')).graph.node}
+  assert plain <= {'Transpose', 'Conv', 'Relu', 'MaxPool', 'Reshape', 'Gemm'}  # BN folded
+
+
+def test_onnx_takes_nchw_on_request(trained, test_split, capsys):
+  images, _ = test_split
+  assert cli_export(trained, 'onnx', '--export-layout', 'nchw') == 0, capsys.readouterr().err
+  meta = json.loads((trained / 'export' / 'mnist_cnn.onnx.json').read_text())
+  assert meta['input']['shape'] == [None, 1, 28, 28] and meta['input']['layout'] == 'NCHW'
+  model, variables = jax_model_of(trained)
+  x = images[:5]
+  session = onnxruntime.InferenceSession(str(trained / 'export' / 'mnist_cnn.onnx'))
+  got = session.run(None, {'image': np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+  want = np.asarray(model.apply(variables, x))
+  np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_bad_input_is_one_sentence_and_exit_2(trained, tmp_path, capsys, monkeypatch):
+  assert cli_export(tmp_path / 'empty', 'onnx') == 2
+  err = capsys.readouterr().err
+  assert 'holds no checkpoint to export' in err and 'Traceback' not in err
+  assert cli_export(trained, 'coreml') == 2
+  assert "unknown export format 'coreml'" in capsys.readouterr().err
+  assert cli_export(trained, 'stablehlo', '--export-layout', 'nchw') == 2
+  assert 'not offered for stablehlo' in capsys.readouterr().err
+  monkeypatch.setitem(sys.modules, 'jax2onnx', None)   # as if it were not installed
+  before = (trained / 'export' / 'mnist_cnn.onnx').read_bytes() \
+      if (trained / 'export' / 'mnist_cnn.onnx').exists() else None
+  assert cli_export(trained, 'onnx') == 2
+  err = capsys.readouterr().err
+  assert 'needs the Python package jax2onnx' in err and 'pip install' in err
+  after = (trained / 'export' / 'mnist_cnn.onnx').read_bytes() \
+      if (trained / 'export' / 'mnist_cnn.onnx').exists() else None
+  assert before == after
+
+
+def test_the_check_refuses_other_logits_and_keeps_nothing(tmp_path, test_split):
+  images, labels = test_split[0][:16], test_split[1][:16]
+  model = models.get_model('lenet5', num_classes=10, in_channels=1)
+  variables = model.init(jax.random.key(0), jnp.asarray(images[:1]))
+  reference = export.check.jax_logits(model, variables, images)
+  agreement = export.to_onnx(model, variables, tmp_path / 'ok.onnx', images, labels,
+                             reference=reference)
+  assert agreement.max_relative_error <= 1e-5 and (tmp_path / 'ok.onnx').exists()
+  wrong = reference.copy()
+  wrong[3] += 1e-3 * np.abs(reference).max()
+  with pytest.raises(ExportError, match='differs from the JAX model on 16 test images'):
+    export.to_onnx(model, variables, tmp_path / 'bad.onnx', images, labels, reference=wrong)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ok.onnx']
+
+
+def test_an_op_jax2onnx_lacks_is_named():
+  import flax.linen as nn
+  from jax.extend import random as jex_random
+
+  class Hashed(nn.Module):  # threefry2x32: a primitive jax2onnx has no conversion for
+    @nn.compact
+    def __call__(self, x, train=False):
+      bits = jex_random.threefry_2x32(jnp.zeros(2, jnp.uint32), jnp.arange(4, dtype=jnp.uint32))
+      return x.mean(axis=(1, 2)) + bits[:3].astype(jnp.float32)
+
+  with pytest.raises(ExportError, match='cannot convert Hashed: .* op threefry2x32'):
+    export.onnx_model.export(Hashed(), {}, (4, 4, 3), name='Hashed')
+
+
+# One model per zoo family, small: (name, options, input side, channels).
+FAMILIES = [
+    ('tutorial_net', {}, 32, 3),
+    ('convnet', {}, 32, 3),
+    ('small_resnet', {}, 32, 3),
+    ('airbench94', {'widths': (8, 16, 16)}, 32, 3),
+    ('googlenet', {}, 32, 3),
+    ('inception_v3', {}, 75, 3),
+    ('resnet18', {'num_filters': 8}, 32, 3),
+    ('resnext50_32x4d', {'num_filters': 8, 'groups': 4, 'width_per_group': 4}, 32, 3),
+    ('densenet121', {'growth_rate': 8, 'block_config': (2, 2, 2, 2), 'num_init_features': 16},
+     32, 3),
+    ('squeezenet1_1', {}, 32, 3),
+    ('mobilenet_v2', {}, 32, 3),
+    ('mobilenet_v3_small', {}, 32, 3),
+    ('mnasnet0_5', {}, 32, 3),
+    ('shufflenet_v2_x0_5', {}, 32, 3),
+    ('efficientnet_b0', {'stages': (('mbconv', 1, 3, 1, 16, 16, 1), ('mbconv', 4, 5, 2, 16, 24, 1)),
+                         'last_channel': 64}, 32, 3),
+    ('efficientnet_v2_s', {'stages': (('fused', 1, 3, 1, 16, 16, 1), ('fused', 4, 3, 2, 16, 24, 1),
+                                      ('mbconv', 4, 3, 2, 24, 32, 1)), 'last_channel': 64}, 32, 3),
+    ('regnet_x_400mf', {'depth': 4, 'w_0': 16, 'w_a': 8.0, 'w_m': 2.0, 'group_width': 8,
+                        'stem_width': 8}, 32, 3),
+    ('regnet_y_400mf', {'depth': 4, 'w_0': 16, 'w_a': 8.0, 'w_m': 2.0, 'group_width': 8,
+                        'stem_width': 8}, 32, 3),
+    ('convnext_tiny', {'stages': ((16, 1), (32, 1))}, 32, 3),
+]
+# AlexNet's and VGG's classifiers hold 4096 x 4096 weights at any input or width (58M and 20M
+# parameters here): through every runtime they take minutes on 2 cores, so only the full matrix.
+if os.environ.get('CNNJAX_TEST_FULL_MATRIX') == '1':
+  FAMILIES += [('alexnet', {}, 64, 3), ('vgg11_bn', {'widths': (8, 8, 16, 16, 16)}, 32, 3)]
+
+
+@pytest.mark.parametrize('name,options,side,channels', FAMILIES,
+                         ids=[f[0] for f in FAMILIES])
+def test_every_family_exports_to_stablehlo_and_onnx(name, options, side, channels, tmp_path):
+  model = models.get_model(name, num_classes=10, in_channels=channels, **options)
+  images = np.random.default_rng(0).normal(size=(2, side, side, channels)).astype(np.float32)
+  variables = model.init(jax.random.key(0), jnp.asarray(images[:1]))
+  if 'batch_stats' in variables:  # BatchNorm with statistics of its own, as after training
+    rng = np.random.default_rng(1)
+    variables = {**variables, 'batch_stats': jax.tree.map(
+        lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, a.shape).astype(np.float32),
+        variables['batch_stats'])}
+  reference = export.check.jax_logits(model, variables, images)
+  for to in (export.to_stablehlo, export.to_onnx):
+    agreement = to(model, variables, tmp_path / f'{name}.{to.__name__}', images,
+                   reference=reference)
+    assert agreement.max_relative_error <= 1e-5 and agreement.top1_mismatches == 0
