@@ -240,7 +240,21 @@ def test_every_default_train_batch_divides_over_1_2_4_and_8_devices():
       assert all(batch % n == 0 for n in (1, 2, 4, 8)), (name, get_config.__name__, batch)
 
 
+def _exit_with_the_test(parent: int) -> None:
+  """Ends this child when the pytest process that started it is gone (killed, timed out):
+  it must not go on training for its whole plan with no one to report to."""
+  import threading
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(3)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == '__main__':
+  _exit_with_the_test(os.getppid())
   workroot, report_path, *cases = sys.argv[1:]
   plan = [(name, mode, int(devices)) for name, mode, devices in (c.split(':') for c in cases)]
   pathlib.Path(report_path).write_text(json.dumps(_child(plan, pathlib.Path(workroot))))
