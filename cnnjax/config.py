@@ -38,6 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
       crop_padding=0,           # random crop after padding by this many pixels (0 = off)
       pad_mode='constant',      # 'constant' (zeros) or 'reflect'
       flip=False,               # random horizontal flip (on the device; streamed with image_size > 0: on the host)
+      # On the device, on in-memory and streamed data alike (cnnjax/data/autoaugment.py, augment.py, mixing.py):
+      randaugment=(),           # (num_ops, magnitude), e.g. (2, 9): torchvision's RandAugment (31 bins) after crop + flip; () = off
+      trivialaugment=False,     # torchvision's TrivialAugmentWide after crop + flip
+      random_erasing=0.0,       # probability per image of torchvision's RandomErasing (after normalization)
+      random_erasing_mode='zero',  # 'zero' (torchvision's value=0) | 'pixel' (timm's per-pixel N(0, 1))
+      mixup_alpha=0.0,          # > 0: mixup, lambda ~ Beta(a, a), one per batch as timm's Mixup (targets mixed too)
+      cutmix_alpha=0.0,         # > 0: cutmix, lambda ~ Beta(a, a); both > 0: one of the two per batch
+      mix_prob=1.0,             # probability that a batch is mixed at all (timm's prob)
+      mix_switch_prob=0.5,      # with both alphas: probability of cutmix instead of mixup (timm's switch_prob)
       # Streaming (cnnjax/data/stream.py): datasets read batch by batch by grain workers.
       pipeline='auto',          # 'memory' (whole splits in memory, augmented on the device) | 'stream' | 'auto' = stream when image_size > 0
       image_size=0,             # > 0: train on random-resized crops of image_size^2, test on resize + center crop; 0 = images as stored
@@ -60,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_steps=0,       # 0 = evaluate at the end of every epoch
       label_smoothing=0.0,
       eval_flip_tta=False,      # evaluate on the mean logits of each test image and its mirror
+      accumulate_steps=1,       # > 1: each step's batch runs as this many micro-batches (cnnjax/train.py)
+      ema_decay=0.0,            # > 0: keep, evaluate and checkpoint a moving average of the weights (cnnjax/ema.py)
+      ema_warmup_power=0.0,     # > 0: timm ModelEmaV3's decay warmup with this power (2/3 or 3/4)
       log_every_steps=50,
       progress_bar=True,
   ))

@@ -9,8 +9,9 @@ ModelEmaV2/ModelEmaV3 average every floating-point entry of the state_dict (para
 buffers); torch.optim.swa_utils' `get_ema_multi_avg_fn(d)` is the same update. Without warmup
 d_t = d (timm ModelEmaV2). With `train.ema_warmup_power = p > 0`, d_t is timm ModelEmaV3's
 warmup (use_warmup=True, warmup_gamma=1, warmup_power=p, called with step=t as timm's train.py
-does): 0 at t = 1 (the EMA becomes a copy), then min(d, 1 - t'^-p) with t' = t (timm's
-`1 - (1 + (t - 1)) ** -p`), so early averages are not dominated by the random initialization.
+does): 0 at t = 1 (the EMA becomes a copy), then min(d, 1 - t ** -p) (timm's
+`1 - (1 + (t - 1) / gamma) ** -p`), so early averages are not dominated by the random
+initialization.
 
 The EMA lives in `TrainState.ema` ({'params', 'batch_stats'}, float32 like the weights) and is
 checkpointed with the state, so a resumed run continues it exactly. The loop evaluates both

@@ -11,7 +11,6 @@ import contextlib
 import math
 import pathlib
 import signal
-import sys
 import time
 
 import jax
@@ -19,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import (checkpoint, data, freezing, models, optim, parallel, recorder, train,
-                    transfer, viz)
+from cnnjax import (checkpoint, data, ema, freezing, models, optim, parallel, progress, recorder,
+                    train, transfer, viz)
 from cnnjax import workdir_lock
+from cnnjax.data import augment
 from cnnjax.data import loader as data_loader
 from cnnjax.data import stream as data_stream
 from cnnjax.errors import ConfigError
@@ -73,7 +73,9 @@ def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
       pad_mode=config.data.pad_mode,
       flip=config.data.flip and not getattr(dataset, 'flips_on_host', False),
       label_smoothing=config.train.label_smoothing, eval_flip_tta=config.train.eval_flip_tta,
-      frozen=frozen, axis_name=axis_name)
+      frozen=frozen, axis_name=axis_name, accumulate_steps=config.train.accumulate_steps,
+      ema_decay=config.train.ema_decay, ema_warmup_power=config.train.ema_warmup_power,
+      **augment.recipe_fields(config.data, dataset.num_classes))
 
 
 def evaluate(state: train.TrainState, x: np.ndarray, y: np.ndarray, batch_size: int,
@@ -105,7 +107,7 @@ def evaluate_batches(state: train.TrainState, local_batches, recipe: train.StepR
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Value checks the types of a ConfigDict cannot express (types are checked on assignment)."""
-  for key in ('batch_size', 'eval_batch_size', 'log_every_steps'):
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'accumulate_steps'):
     if config.train[key] <= 0:
       raise ConfigError(f'train.{key} must be a positive integer, got {config.train[key]}.')
   for key in ('num_epochs', 'num_steps', 'eval_every_steps'):
@@ -113,6 +115,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'train.{key} must be >= 0, got {config.train[key]}.')
   if not config.train.num_epochs and not config.train.num_steps:
     raise ConfigError('set train.num_epochs or train.num_steps to a positive number.')
+  ema.check(config.train.ema_decay, config.train.ema_warmup_power)
 
 
 class _Preemption:
@@ -156,11 +159,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   t_start = time.time()
   strategy = parallel.DataParallel.create(config.parallel.mode)
   mesh = strategy.mesh
-  parallel.check_batch_size(config.train.batch_size, mesh)  # eval batches are padded instead
+  per_device = parallel.check_batch_size(config.train.batch_size, mesh)  # eval batches: padded
+  train.check_micro_batches(per_device, config.train.accumulate_steps, strategy.num_devices)
   dataset = load_data(config)
   model = build_model(config, dataset, strategy.axis_name)
   if primary:
-    print(strategy.describe(config.train.batch_size))
+    k = config.train.accumulate_steps
+    print(strategy.describe(config.train.batch_size) +
+          (f', in {k} micro-batches of {per_device // k}' if k > 1 else ''))
     print(dataset.describe() if isinstance(dataset, data_stream.Stream) else
           f'data: {dataset.name} {dataset.num_train} train / {dataset.num_test} test, '
           f'{dataset.image_shape} images, {dataset.num_classes} classes')
@@ -176,7 +182,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     variables = transfer.init_from_pretrained(variables, config.transfer, config.model.name)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, steps_per_epoch,
                                       total_steps, variables['params'])
-  state = train.create_train_state(model, variables, tx, state_rng)
+  state = train.create_train_state(model, variables, tx, state_rng,
+                                   ema=config.train.ema_decay > 0)
   state = ckpts.restore_latest(state)
   feed = {'data': ckpts.data_state}  # a stream's loader state: saved with each checkpoint
   state = strategy.put_state(state)
@@ -190,26 +197,34 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   history = {}  # this run's evaluations: {step: {'test_loss': ..., 'test_accuracy': ...}}
   eval_every = config.train.eval_every_steps or steps_per_epoch
-  progress = _progress_bar(config, total_steps, start_step, primary)
-  throughput = _Throughput(config.train.batch_size)
+  bar = progress.progress_bar(config, total_steps, start_step, primary)
+  throughput = progress.Throughput(config.train.batch_size)
   pending, step = [], start_step
 
-  def run_evaluation(state, recipe, step, record=True):
+  def test_metrics(state):
     if isinstance(dataset, data_stream.Stream):  # one Batches per run, rewound: workers stay
       if 'eval' not in feed:
         feed['eval'] = feeds.enter_context(dataset.eval_batches(strategy.eval_batch_size(
             config.train.eval_batch_size, dataset.num_test)))
       feed['eval'].rewind()
-      test = evaluate_batches(state, feed['eval'], recipe, strategy)
-    else:
-      test = evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
-                      recipe, strategy)
-    history[step] = recorder.named_test_metrics(test)
-    if record:
-      records.write(step, 'test', test)
-    if primary:
-      progress.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
-                     f'test loss {test["loss"]:.4f}, accuracy {test["accuracy"]:.2%}')
+      return evaluate_batches(state, feed['eval'], recipe, strategy)
+    return evaluate(state, dataset.x_test, dataset.y_test, config.train.eval_batch_size,
+                    recipe, strategy)
+
+  def run_evaluation(state, recipe, step, record=True):
+    """The trained weights as split 'test'; with an EMA, its weights as 'test_ema' too."""
+    tests = {'test': test_metrics(state)}
+    if state.ema is not None:
+      tests['test_ema'] = test_metrics(ema.swap_in(state))
+    history[step] = {name: value for split, test in tests.items()
+                     for name, value in recorder.named_test_metrics(test, split).items()}
+    for split, test in tests.items():
+      if record:
+        records.write(step, split, test)
+      if primary:
+        bar.write(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}): '
+                  f'{split.replace("_", " ")} loss {test["loss"]:.4f}, accuracy '
+                  f'{test["accuracy"]:.2%}')
     return history[step]
 
   def evaluation_step(step):
@@ -217,7 +232,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   # Closing order on any exit: the progress bar, the records, then the checkpoints (waiting for
   # the save in flight, whose failure is one TrainingError), then the SIGTERM handler.
-  with _Preemption() as preemption, ckpts, records, progress, contextlib.ExitStack() as feeds:
+  with _Preemption() as preemption, ckpts, records, bar, contextlib.ExitStack() as feeds:
     if start_step and evaluation_step(start_step) and start_step not in ckpts.evaluations():
       run_evaluation(state, recipe, start_step)  # the one a preemption skipped (see below)
     for step_index, batch in _batches(dataset, config, steps_per_epoch, start_step, total_steps,
@@ -228,9 +243,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       state, metrics = strategy.train_step(state, batch, recipe)
       pending.append(metrics)
       step = step_index + 1
-      progress.update(1)
+      bar.update(1)
       if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
-        summary = _mean_metrics(jax.device_get(pending))  # the one host sync per log interval
+        summary = progress.mean_metrics(jax.device_get(pending))  # the one host sync per log interval
         throughput.count(len(pending))
         pending = []
         if not math.isfinite(summary['loss']):
@@ -238,7 +253,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                               f'learning rate (optimizer.lr) — the last good checkpoint is kept.')
         records.write(step, 'train', {**summary, 'lr': float(schedule(step - 1))})
         rate = throughput.images_per_second()
-        progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}',
+        bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.3f}',
                              **({'img_s': f'{rate:.0f}'} if rate else {}))
       # A preemption skips the evaluation (the grace period is for saving); the resumed run
       # evaluates that step first.
@@ -255,7 +270,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     if step == total_steps and not history and not preemption.requested:
       # A finished run was rerun: evaluate what is there (recorded when it was first evaluated).
       run_evaluation(state, recipe, step, record=False)
-    progress.close()
+    bar.close()
     ckpts.close()  # waits for the asynchronous saves: their metrics are read next
     evaluations = {**ckpts.evaluations(), **history}
     preempted = preemption.requested and not (step == total_steps and step in history)
@@ -270,33 +285,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       viz.plot_curves(metric_rows, workdir / 'curves.png')
     print(recorder.summary_line(result, workdir))
   return result
-
-
-class _Throughput:
-  """Training images per second, from the end of the first (compiling) log interval on,
-  excluding the time spent in evaluation and checkpointing; None until a second interval ends
-  (a rerun of a finished run, or a resume with one interval left, measures nothing)."""
-
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
-    self.steps, self.seconds, self._since = 0, 0.0, None
-
-  def count(self, steps: int) -> None:
-    now = time.time()
-    if self._since is not None:  # the first interval includes compilation: not counted
-      self.steps += steps
-      self.seconds += now - self._since
-    self._since = now
-
-  def images_per_second(self) -> float | None:
-    return self.steps * self.batch_size / self.seconds if self.seconds else None
-
-  @contextlib.contextmanager
-  def paused(self):
-    start = time.time()
-    yield
-    if self._since is not None:
-      self._since += time.time() - start
 
 
 def _batches(dataset, config, steps_per_epoch, start_step, total_steps, strategy, feed, feeds):
@@ -323,13 +311,3 @@ def _batches(dataset, config, steps_per_epoch, start_step, total_steps, strategy
       step += 1
       if step >= total_steps:
         return
-
-
-def _mean_metrics(rows: list[dict]) -> dict:
-  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
-def _progress_bar(config, total, initial, primary):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=sys.stdout,
-              disable=not (primary and config.train.progress_bar), leave=False)

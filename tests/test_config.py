@@ -25,6 +25,16 @@ def test_model_options_are_set_with_their_types_after_the_model_is_chosen():
   assert (model.num_filters, model.stage_sizes, model.stem) == (16, (1, 1, 1, 1), 'cifar')
 
 
+@pytest.mark.parametrize('name', ['convnext_tiny', 'efficientnet_b0', 'efficientnet_v2_s'])
+def test_stochastic_depth_is_a_model_option_from_the_command_line(name):
+  """Drop path (cnnjax.blocks.drop_path) for the models that have it, by their option."""
+  config = config_lib.load_experiment('quickstart', [
+      f'model.name={name}', 'model.kwargs.stochastic_depth_prob=0.25'])
+  from cnnjax import models
+  model = models.get_model(name, num_classes=10, **config.model.kwargs.to_dict())
+  assert model.stochastic_depth_prob == 0.25
+
+
 @pytest.mark.parametrize('override, message', [
     ('model.kwargs.width=3', "model 'small_resnet' has no option 'width'"),
     ('model.kwargs.num_classes=3', 'it comes from the data'),

@@ -47,8 +47,9 @@ ONE_MODE = {} if FULL else {'cifar_resnet': 'jit', 'cifar_resnet18': 'pmap',
 # Not run, only checked for their default batches (test_every_default_train_batch_divides_...):
 NOT_RUN = {
     **{name: 'one step at 224x224 with batch 1024 is trillions of multiply-adds and tens of GB '
-             'of activations: not a 2-core CPU test' for name in ('imagenet_resnet18',
-                                                                  'imagenet_resnet50')},
+             'of activations: not a 2-core CPU test' for name in (
+                 'imagenet_resnet18', 'imagenet_resnet50', 'imagenet_resnet50_lamb',
+                 'imagenet_convnext_tiny')},
     **({} if FULL else {'cifar_vgg16': '8 replicas of its 134M-parameter train state need about '
                         '13 GB of host memory (a TPU core holds one), and even on 2 devices one '
                         'step and its 1 GB checkpoint would take most of this file\'s budget; '
@@ -236,8 +237,9 @@ def test_every_default_train_batch_divides_over_1_2_4_and_8_devices():
     getters = [getattr(module, f) for f in dir(module)
                if f.startswith('get_') and f.endswith('config') and callable(getattr(module, f))]
     for get_config in getters:
-      batch = get_config().train.batch_size
-      assert all(batch % n == 0 for n in (1, 2, 4, 8)), (name, get_config.__name__, batch)
+      train = get_config().train  # and each device's rows split into the micro-batches
+      batch, k = train.batch_size, train.accumulate_steps
+      assert all(batch % (n * k) == 0 for n in (1, 2, 4, 8)), (name, get_config.__name__, batch)
 
 
 def _exit_with_the_test(parent: int) -> None:
