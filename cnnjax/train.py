@@ -132,13 +132,13 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
                                    recipe.mixing, recipe.label_smoothing, recipe.axis_name)
   trainable, fixed = freezing.split(state.params, recipe.frozen)
 
-  def loss_fn(trainable, batch_stats, images, labels, dropout_rng):
+  def loss_fn(trainable, batch_stats, images, targets, dropout_rng):
     params = freezing.merge(trainable, fixed)
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': batch_stats}, images, train=True,
         rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
-    loss = cross_entropy(logits, labels, recipe.label_smoothing).mean()
+    loss = cross_entropy(logits, targets, recipe.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
