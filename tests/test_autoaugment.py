@@ -139,3 +139,30 @@ def test_bad_policies_are_config_errors():
     autoaugment.Policy('randaugment', 2, 31)
   with pytest.raises(ConfigError, match='policy'):
     autoaugment.Policy('autoaugment')
+
+
+def test_data_config_fields_make_the_recipe():
+  """--config.data.* fields become the step's recipe fields; conflicting or malformed ones are
+  config errors naming the field."""
+  from cnnjax import config as config_lib
+  from cnnjax.data import mixing
+  from cnnjax.errors import ConfigError
+  config = config_lib.load_experiment('quickstart', [
+      '--config.data.randaugment=2,9', '--config.data.random_erasing=0.25',
+      '--config.data.mixup_alpha=0.2', '--config.data.cutmix_alpha=1.0'])
+  fields = augment.recipe_fields(config.data, num_classes=10)
+  assert fields == dict(augment_policy=autoaugment.Policy('randaugment', 2, 9),
+                        random_erasing=0.25, random_erasing_mode='zero',
+                        mixing=mixing.MixSpec(0.2, 1.0, 1.0, 0.5, 10))
+  off = augment.recipe_fields(config_lib.load_experiment('quickstart').data, num_classes=10)
+  assert off == dict(augment_policy=None, random_erasing=0.0, random_erasing_mode='zero',
+                     mixing=None)
+  config_lib.apply_overrides(config, ['data.trivialaugment=true'])
+  with pytest.raises(ConfigError, match='data.randaugment and data.trivialaugment'):
+    augment.recipe_fields(config.data, 10)
+  config_lib.apply_overrides(config, ['data.trivialaugment=false', 'data.randaugment=9'])
+  with pytest.raises(ConfigError, match='num_ops, magnitude'):
+    augment.recipe_fields(config.data, 10)
+  config_lib.apply_overrides(config, ['data.randaugment=()', 'data.random_erasing_mode=noise'])
+  with pytest.raises(ConfigError, match='random_erasing_mode'):
+    augment.recipe_fields(config.data, 10)

@@ -49,7 +49,7 @@ NOT_RUN = {
     **{name: 'one step at 224x224 with batch 1024 is trillions of multiply-adds and tens of GB '
              'of activations: not a 2-core CPU test' for name in (
                  'imagenet_resnet18', 'imagenet_resnet50', 'imagenet_resnet50_lamb',
-                 'imagenet_convnext_tiny')},
+                 'imagenet_convnext_tiny', 'imagenet_resnet50_torchvision')},
     **({} if FULL else {'cifar_vgg16': '8 replicas of its 134M-parameter train state need about '
                         '13 GB of host memory (a TPU core holds one), and even on 2 devices one '
                         'step and its 1 GB checkpoint would take most of this file\'s budget; '
