@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       accumulate_steps=1,       # > 1: each step's batch runs as this many micro-batches (cnnjax/train.py)
       ema_decay=0.0,            # > 0: keep, evaluate and checkpoint a moving average of the weights (cnnjax/ema.py)
       ema_warmup_power=0.0,     # > 0: timm ModelEmaV3's decay warmup with this power (2/3 or 3/4)
+      aux_loss_weight=0.4,      # loss += this x each auxiliary head's loss (inception_v3's AuxLogits; torchvision's 0.4)
       log_every_steps=50,
       progress_bar=True,
   ))

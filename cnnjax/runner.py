@@ -75,6 +75,7 @@ def make_recipe(config: ml_collections.ConfigDict, dataset: data.Dataset,
       label_smoothing=config.train.label_smoothing, eval_flip_tta=config.train.eval_flip_tta,
       frozen=frozen, axis_name=axis_name, accumulate_steps=config.train.accumulate_steps,
       ema_decay=config.train.ema_decay, ema_warmup_power=config.train.ema_warmup_power,
+      aux_loss_weight=config.train.aux_loss_weight,
       **augment.recipe_fields(config.data, dataset.num_classes))
 
 
@@ -110,7 +111,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'accumulate_steps'):
     if config.train[key] <= 0:
       raise ConfigError(f'train.{key} must be a positive integer, got {config.train[key]}.')
-  for key in ('num_epochs', 'num_steps', 'eval_every_steps'):
+  for key in ('num_epochs', 'num_steps', 'eval_every_steps', 'aux_loss_weight'):
     if config.train[key] < 0:
       raise ConfigError(f'train.{key} must be >= 0, got {config.train[key]}.')
   if not config.train.num_epochs and not config.train.num_steps:

@@ -52,9 +52,12 @@ KEY_RENAMES = {
     r'densenet\d+': ((r'(denselayer\d+\.(?:norm|relu|conv))\.([12])\.', r'\1\2.'),),
 }
 
-# Auxiliary classifiers of torchvision's training-time heads: in its pretrained files, not part
-# of the inference model cnnjax builds, so their tensors are dropped (and said so, see aux_heads).
-AUX_HEADS = {'googlenet': ('aux1', 'aux2'), 'inception_v3': ('AuxLogits',)}
+# Auxiliary classifiers in torchvision's files that cnnjax's model does not have, so their
+# tensors are dropped (and said so, see aux_heads): GoogLeNet's aux1/aux2 (cnnjax's googlenet is
+# torchvision's without them, as its weights are published). Inception v3's AuxLogits is not
+# here: cnnjax's inception_v3 has that head and imports it (aux_logits=False leaves the head
+# out; then list AuxLogits in transfer.exclude).
+AUX_HEADS = {'googlenet': ('aux1', 'aux2')}
 
 SUFFIXES = ('.pth', '.pt', '.safetensors')
 

@@ -3,7 +3,9 @@
 `train_step(state, batch, recipe) -> (state, metrics)` reads top to bottom: derive this step's
 random keys from the state, augment and normalize the uint8 batch on the device (then random
 erasing and mixup/cutmix, whose mixed targets replace the labels in the loss), run the model
-with batch statistics, take the gradient of the (label-smoothed) cross-entropy, apply the Optax
+with batch statistics, take the gradient of the (label-smoothed) cross-entropy (plus
+`recipe.aux_loss_weight` times that of each auxiliary classifier's logits the model sows into
+its ``aux_logits`` collection, e.g. Inception v3's AuxLogits), apply the Optax
 update, update the weights' moving average (`recipe.ema_decay`, cnnjax/ema.py), return the new
 state. `recipe` is static (hashable) data: what the step does, not state.
 
@@ -72,6 +74,7 @@ class StepRecipe:
   accumulate_steps: int = 1         # micro-batches per optimizer step (1 = the whole batch at once)
   ema_decay: float = 0.0            # > 0: update state.ema after every step (cnnjax/ema.py)
   ema_warmup_power: float = 0.0     # > 0: timm ModelEmaV3's decay warmup with this power
+  aux_loss_weight: float = 0.4      # times each auxiliary classifier's loss (models that sow one)
 
 
 def init_variables(model: nn.Module, image_shape: tuple[int, ...], rng: jax.Array) -> dict:
@@ -136,9 +139,12 @@ def train_step(state: TrainState, batch: Batch, recipe: StepRecipe) -> tuple[Tra
     params = freezing.merge(trainable, fixed)
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': batch_stats}, images, train=True,
-        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats', 'aux_logits'])
     logits = logits.astype(jnp.float32)
     loss = cross_entropy(logits, targets, recipe.label_smoothing).mean()
+    for aux in jax.tree.leaves(updates.get('aux_logits', {})):  # auxiliary classifiers' logits
+      loss += recipe.aux_loss_weight * cross_entropy(aux.astype(jnp.float32), targets,
+                                                     recipe.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -59,7 +59,7 @@ PUBLISHED = {
     'vgg16_bn': 138_365_992,
     'vgg19_bn': 143_678_248,
     'googlenet': 6_624_904,
-    'inception_v3': 23_834_568,   # torchvision's 27,161,264 less the AuxLogits head
+    'inception_v3': 27_161_264,   # with AuxLogits; 23,834,568 with aux_logits=False
     'resnet18': 11_689_512,
     'resnet34': 21_797_672,
     'resnet50': 25_557_032,
@@ -147,7 +147,7 @@ def abstract(name):
   """(logits, variables incl. intermediates) of model ``name`` at its native input, shapes only."""
   if name not in _ABSTRACT:
     model = get_model(name)
-    size = NATIVE_SIZE.get(name, 224)
+    size = 299 if name == 'inception_v3' else NATIVE_SIZE.get(name, 224)  # AuxLogits trains at 299
     x = jnp.zeros((1, size, size, model.in_channels))
     init = partial(model.init_with_output, capture_intermediates=True)
     _ABSTRACT[name] = (model, x) + jax.eval_shape(init, jax.random.key(0), x)
@@ -198,13 +198,22 @@ def test_train_mode_traces_with_dropout_rng(name):
                                      variables.get('batch_stats', {}))
 
 
+def test_inception_v3_without_aux_logits_counts_torchvision_s():
+  import_torch()
+  tv_model = torchvision_on_meta('inception_v3', aux_logits=False, init_weights=False)
+  variables = jax.eval_shape(get_model('inception_v3', aux_logits=False).init,
+                             jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  assert count(variables['params']) == sum(p.numel() for p in tv_model.parameters()) == 23_834_568
+  assert 'AuxLogits' not in variables['params']
+
+
 def test_torchvision_counts_and_names_match():
   """torchvision's own models: same count, and its state_dict maps onto our variables by the
   naming rule of cnnjax/models/common.py with every name and shape matching."""
   import_torch()
   for name in TORCHVISION:
-    kwargs = ({'aux_logits': False, 'init_weights': False}
-              if name in ('googlenet', 'inception_v3') else {})
+    kwargs = {'googlenet': {'aux_logits': False, 'init_weights': False},  # as its weights
+              'inception_v3': {'init_weights': False}}.get(name, {})
     tv_model = torchvision_on_meta(name, **kwargs)
     assert sum(p.numel() for p in tv_model.parameters()) == PUBLISHED[name], name
     _, _, _, variables = abstract(name)

@@ -152,3 +152,40 @@ def test_steps_are_deterministic_given_the_state(digits):
       state, metrics = train.jit_train_step(state, batch, recipe)
     outs.append(jax.device_get((state.params, metrics)))
   chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+class _AuxNet(flax.linen.Module):
+  """A body with an auxiliary classifier that sows its logits in training, as inception_v3's."""
+
+  @flax.linen.compact
+  def __call__(self, x, train=False):
+    h = flax.linen.Dense(8, name='body')(x.reshape(x.shape[0], -1))
+    aux = flax.linen.Dense(10, name='aux')(h)
+    if train:
+      self.sow('aux_logits', 'logits', aux)
+    return flax.linen.Dense(10, name='fc')(jax.nn.relu(h))
+
+
+def test_sown_aux_logits_add_their_weighted_loss_and_train_their_head():
+  """loss = CE(logits) + aux_loss_weight * CE(aux) (torchvision's Inception recipe, 0.4 by
+  default); with the weight 0 the aux head gets no gradient."""
+  model = _AuxNet()
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8),
+           'label': np.array([0, 3, 5, 9], np.int32)}
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  assert 'aux_logits' not in variables
+  x = (batch['image'] - 100.0) / 50.0
+  logits, sown = model.apply(variables, x, train=True, mutable=['aux_logits'])
+  (aux,) = sown['aux_logits']['logits']
+  main, aux_loss = (optax.softmax_cross_entropy_with_integer_labels(z, batch['label']).mean()
+                    for z in (logits, aux))
+  assert train.StepRecipe(mean=(0.,), std=(1.,)).aux_loss_weight == 0.4
+  for weight, expected in ((0.4, main + 0.4 * aux_loss), (0.0, main)):
+    state = train.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.1),
+                                     jax.random.key(1))  # a copy: the step donates the state
+    recipe = train.StepRecipe(mean=(100.,), std=(50.,), aux_loss_weight=weight)
+    state, metrics = train.jit_train_step(state, batch, recipe)
+    np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+    moved = not np.allclose(state.params['aux']['kernel'], variables['params']['aux']['kernel'])
+    assert moved == (weight > 0)

@@ -7,6 +7,7 @@ test_torchvision_parity.py (shapes only, through jax.eval_shape and torch's meta
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -151,7 +152,39 @@ def test_inception_v3_matches_torchvision():
   """At 80x80 (it needs 75x75); eval mode: at this size the last map is 1x1, too few values
   for batch statistics to compare well."""
   compare(_torchvision('inception_v3', num_classes=10, aux_logits=False, init_weights=False),
-          get_model('inception_v3', 10), random_input((2, 80, 80, 3)), train_too=False)
+          get_model('inception_v3', 10, aux_logits=False), random_input((2, 80, 80, 3)),
+          train_too=False)
+
+
+def test_inception_v3_aux_logits_match_torchvision():
+  """The AuxLogits head alone on 17x17x768 maps (what Mixed_6e gives it at 299x299) equals
+  torchvision's InceptionAux with the same weights, in eval and train mode; in the whole model
+  (shapes only) it is sown in training, absent in evaluation, and too small maps are refused."""
+  import_torch()
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from torchvision.models.inception import InceptionAux as TorchAux
+  from cnnjax.errors import ShapeError
+  from cnnjax.layers import BatchNorm, Conv2d
+  from cnnjax.models.inception import InceptionAux
+  torch.manual_seed(0)
+  ours = InceptionAux(10, partial(Conv2d, use_bias=False), partial(BatchNorm, epsilon=1e-3))
+  compare(TorchAux(768, 10), ours, random_input((4, 17, 17, 768)))
+
+  model = get_model('inception_v3', 10)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  assert 'AuxLogits' in variables['params'] and 'AuxLogits' in variables['batch_stats']
+
+  def run(size, train):
+    return jax.eval_shape(partial(model.apply, train=train, rngs={'dropout': jax.random.key(0)},
+                                  mutable=['batch_stats', 'aux_logits']),
+                          variables, jnp.zeros((2, size, size, 3)))
+  logits, updates = run(299, True)
+  assert jax.tree.map(lambda a: a.shape, updates['aux_logits']) == {'AuxLogits': {'logits': ((2, 10),)}}
+  assert logits.shape == (2, 10) and 'aux_logits' not in run(299, False)[1]
+  with pytest.raises(ShapeError, match='needs Mixed_6e maps of at least 17x17 .* aux_logits=False'):
+    run(280, True)
 
 
 def test_pretrained_loads_torchvision_weights_and_replaces_a_mismatched_head(tmp_path, capsys):
