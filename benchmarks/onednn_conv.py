@@ -139,6 +139,8 @@ def step_table(model: str, batch: int, repeat: int, steps: int, budget: float) -
           rates[label.replace('eager / channels_last', layout)].append(r[layout]['train']['images_per_s'])
       if 'train' in r:
         rates[label].append(r['train']['images_per_s'])
+      if 'compile_train' in r:   # trace + lower + compile of the train step (cache as configured)
+        rates[label + ': compile s'].append(r['compile_train']['total_s'])
   return {k: (statistics.median(v) if all(isinstance(x, float) for x in v) else v)
           for k, v in rates.items()}
 
