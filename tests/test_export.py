@@ -140,7 +140,8 @@ def test_bad_input_is_one_sentence_and_exit_2(trained, tmp_path, capsys, monkeyp
 def test_the_check_refuses_other_logits_and_keeps_nothing(tmp_path, test_split):
   images, labels = test_split[0][:16], test_split[1][:16]
   model = models.get_model('lenet5', num_classes=10, in_channels=1)
-  variables = model.init(jax.random.key(0), jnp.asarray(images[:1]))
+  # jit: an eager init dispatches op by op (minutes for MobileNet V2 on 2 busy cores)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(images[:1]))
   reference = export.check.jax_logits(model, variables, images)
   agreement = export.to_onnx(model, variables, tmp_path / 'ok.onnx', images, labels,
                              reference=reference)
@@ -175,7 +176,7 @@ FAMILIES = [
     ('googlenet', {}, 32, 3),
     ('inception_v3', {}, 75, 3),
     ('resnet18', {'num_filters': 8}, 32, 3),
-    ('resnext50_32x4d', {'num_filters': 8, 'groups': 4, 'width_per_group': 4}, 32, 3),
+    ('resnext50_32x4d', {'num_filters': 8, 'groups': 4, 'width_per_group': 16}, 32, 3),
     ('densenet121', {'growth_rate': 8, 'block_config': (2, 2, 2, 2), 'num_init_features': 16},
      32, 3),
     ('squeezenet1_1', {}, 32, 3),
@@ -199,19 +200,36 @@ if os.environ.get('CNNJAX_TEST_FULL_MATRIX') == '1':
   FAMILIES += [('alexnet', {}, 64, 3), ('vgg11_bn', {'widths': (8, 8, 16, 16, 16)}, 32, 3)]
 
 
+# Running a StableHLO artifact compiles the model a second time (the JAX reference is the first):
+# these families run theirs; the others are exported, serialized and reloaded (the batch-
+# polymorphic lowering is what can fail there) and run in the full matrix.
+RUN_STABLEHLO = {'resnet18', 'googlenet', 'mobilenet_v3_small', 'convnext_tiny'}
+
+
 @pytest.mark.parametrize('name,options,side,channels', FAMILIES,
                          ids=[f[0] for f in FAMILIES])
 def test_every_family_exports_to_stablehlo_and_onnx(name, options, side, channels, tmp_path):
   model = models.get_model(name, num_classes=10, in_channels=channels, **options)
   images = np.random.default_rng(0).normal(size=(2, side, side, channels)).astype(np.float32)
-  variables = model.init(jax.random.key(0), jnp.asarray(images[:1]))
+  # jit: an eager init dispatches op by op (minutes for MobileNet V2 on 2 busy cores)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(images[:1]))
   if 'batch_stats' in variables:  # BatchNorm with statistics of its own, as after training
     rng = np.random.default_rng(1)
     variables = {**variables, 'batch_stats': jax.tree.map(
         lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, a.shape).astype(np.float32),
         variables['batch_stats'])}
   reference = export.check.jax_logits(model, variables, images)
-  for to in (export.to_stablehlo, export.to_onnx):
-    agreement = to(model, variables, tmp_path / f'{name}.{to.__name__}', images,
-                   reference=reference)
+  agreement = export.to_onnx(model, variables, tmp_path / f'{name}.onnx', images,
+                             reference=reference)
+  assert agreement.max_relative_error <= 1e-5 and agreement.top1_mismatches == 0
+  if name in RUN_STABLEHLO or os.environ.get('CNNJAX_TEST_FULL_MATRIX') == '1':
+    agreement = export.to_stablehlo(model, variables, tmp_path / f'{name}.stablehlo', images,
+                                    reference=reference)
     assert agreement.max_relative_error <= 1e-5 and agreement.top1_mismatches == 0
+  else:
+    exported = export.stablehlo.export(model, variables, images.shape[1:])
+    export.stablehlo.save(exported, tmp_path / f'{name}.stablehlo')
+    reloaded = export.stablehlo.load(tmp_path / f'{name}.stablehlo')
+    assert str(reloaded.in_avals[0].shape[0]) == 'b'
+    assert tuple(reloaded.in_avals[0].shape[1:]) == (side, side, channels)
+    assert tuple(reloaded.out_avals[0].shape[1:]) == (10,)

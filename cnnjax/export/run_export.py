@@ -131,10 +131,11 @@ def summary_line(meta: dict, path: pathlib.Path, seconds: float) -> str:
           f"{shape} float32) from step {meta['source_checkpoint']['step']}")
   if meta.get('int8'):
     q = meta['int8']
+    drop = 100 * (q['float32_accuracy'] - q['int8_accuracy'])
     return (f"{head}; test accuracy int8 {q['int8_accuracy']:.2%} vs float32 "
-            f"{q['float32_accuracy']:.2%} (drop {100 * (q['float32_accuracy'] - q['int8_accuracy']):.2f} "
-            f"points), top-1 agreement {q['top1_agreement']:.2%}, {q['size_ratio']:.2f}x smaller "
-            f"than float32 ONNX; {seconds:.0f} s")
+            f"{q['float32_accuracy']:.2%} (drop {drop:.2f} points), top-1 agreement "
+            f"{q['top1_agreement']:.2%}, {q['size_ratio']:.2f}x smaller than float32 ONNX; "
+            f"{seconds:.0f} s")
   c = meta['check']
   return (f"{head}; checked on {c['images']} test images: max relative logit error "
           f"{c['max_relative_error']:.1e}, top-1 identical, test accuracy {c['accuracy']:.2%}; "
