@@ -9,7 +9,10 @@ shape signature. It runs with LiteRT's interpreter (`ai_edge_litert`), else Tens
 
 Needs TensorFlow (``pip install tensorflow-cpu``), which has wheels for Linux, macOS and Windows
 on x86-64 and for Linux and macOS on ARM64, but not for every new Python at once: where pip finds
-none, this export says so and the other formats still work. In a process that also uses
+none, this export says so and the other formats still work. With JAX 0.12 (Python 3.12+) and
+TensorFlow 2.21, the newest pair pip gives there, the converter cannot read the StableHLO JAX
+writes and leaves it as an unconvertible ``tf.XlaCallModule`` op: the export says so in one
+sentence (checked 2026-12-01). In a process that also uses
 torchvision, import torchvision before this module runs (torchvision imported after TensorFlow
 crashes the interpreter with the tensorflow-cpu 2.21 / torchvision 0.29 wheels).
 """
@@ -51,8 +54,18 @@ def export(model, variables, input_shape: Sequence[int]) -> bytes:
   try:
     return converter.convert()
   except Exception as e:  # pylint: disable=broad-except  (the converter raises ConverterError)
+    if 'XlaCallModule' in str(e):
+      raise ExportError(route_unavailable(tf.__version__)) from None
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ExportError(f'the TFLite converter cannot convert this model: {text[:300]}.') from e
+    raise ExportError(f'the TFLite converter cannot convert this model: {text[:300]}.') from None
+
+
+def route_unavailable(tf_version: str) -> str:
+  """The sentence for a JAX whose StableHLO this TensorFlow's TFLite converter cannot read."""
+  import jax
+  return (f'TFLite export does not work with JAX {jax.__version__} and TensorFlow {tf_version}: '
+          f'the TFLite converter cannot read the StableHLO this JAX writes (it leaves '
+          f'tf.XlaCallModule unconverted); JAX 0.10 with TensorFlow 2.21 (Python 3.11) works.')
 
 
 def interpreter(model_content: bytes):
