@@ -50,11 +50,11 @@ def cli_export(workdir, fmt, *extra):
                        '--export', fmt, *extra])
 
 
-def jax_model_of(workdir):
+def jax_model_of(workdir, suffix='.onnx'):
   """(model, variables) of the checkpoint the export's metadata names."""
   from cnnjax import checkpoint
   model = models.get_model('mnist_cnn', num_classes=10, in_channels=1)
-  meta = json.loads((workdir / 'export' / 'mnist_cnn.onnx.json').read_text())
+  meta = json.loads((workdir / 'export' / f'mnist_cnn{suffix}.json').read_text())
   variables, _ = checkpoint.load_variables(meta['source_checkpoint']['directory'])
   return model, variables
 
@@ -110,7 +110,7 @@ def test_cli_exports_tflite_checked(trained, test_split, capsys):
   assert code == 0, err
   meta = json.loads((trained / 'export' / 'mnist_cnn.tflite.json').read_text())
   assert meta['check']['max_relative_error'] <= 1e-5 and meta['check']['top1_mismatches'] == 0
-  model, variables = jax_model_of(trained)
+  model, variables = jax_model_of(trained, '.tflite')
   x = test_split[0][:7]
   want = np.asarray(model.apply(variables, x))
   run = export.tflite.runner((trained / 'export' / 'mnist_cnn.tflite').read_bytes())
