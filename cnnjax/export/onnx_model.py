@@ -11,8 +11,8 @@ jax2onnx traces the model to lax primitives; the model is first traced here, out
 patches of Flax (which replace ``flax.linen.max_pool`` by a keyword-only version), and its
 windowed reductions are rewritten into forms onnxruntime runs: an NHWC max pool as a 3-D MaxPool
 over ``(N*C, H, W)``, a windowed sum (average pooling) as a depthwise convolution with a kernel
-of ones (and JAX's ``stack`` primitive as concatenated ``expand_dims``). All compute the same
-function. `cnnjax.export.onnx_tidy` then turns jax2onnx's relu,
+of ones (and JAX's ``stack`` / ``unstack`` primitives as concatenations / slices). All compute
+the same function. `cnnjax.export.onnx_tidy` then turns jax2onnx's relu,
 dense and pooling patterns into plain Relu, Gemm and 2-D MaxPool nodes.
 """
 from __future__ import annotations
@@ -90,6 +90,12 @@ def _stack(arrays, axis: int):
   return jax.lax.concatenate([jax.lax.expand_dims(a, (axis,)) for a in arrays], axis)
 
 
+def _unstack(x, axis: int):
+  """jnp.unstack's primitive (JAX 0.12), which jax2onnx lacks, as slices."""
+  return [jax.lax.squeeze(jax.lax.slice_in_dim(x, i, i + 1, axis=axis), (axis,))
+          for i in range(x.shape[axis])]
+
+
 _REWRITES = {'reduce_window_max': _max_pool, 'reduce_window_sum': _window_sum}
 
 
@@ -110,6 +116,8 @@ def onnx_friendly(closed: jex.core.ClosedJaxpr):
         outs = [rewrite(ins[0], eqn.params)]
       elif eqn.primitive.name == 'stack':
         outs = [_stack(ins, eqn.params['axis'])]
+      elif eqn.primitive.name == 'unstack':
+        outs = _unstack(ins[0], eqn.params['axis'])
       else:
         outs = eqn.primitive.bind(*ins, **eqn.params)
         outs = outs if eqn.primitive.multiple_results else [outs]
@@ -124,7 +132,8 @@ def primitives(closed: jex.core.ClosedJaxpr) -> set[str]:
   for eqn in closed.jaxpr.eqns:
     body = _sub_jaxpr(eqn)
     names |= primitives(body) if body is not None else {eqn.primitive.name}
-  return names - {'stack'} | ({'concatenate'} if 'stack' in names else set())
+  rewritten = {'stack': 'concatenate', 'unstack': 'slice'}
+  return {rewritten.get(n, n) for n in names}
 
 
 def _check_supported(closed: jex.core.ClosedJaxpr, name: str) -> None:
