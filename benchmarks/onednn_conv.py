@@ -9,8 +9,8 @@ Parts (``--parts``, comma-separated):
   pass (forward + input and kernel gradients), XLA vs oneDNN, float32 and bfloat16, in one process
   with cnnjax's XLA:CPU flags; ``--repeat`` alternates the two and keeps each one's best.
 * ``steps``: small_resnet's train step (benchmarks/jax_worker.py, batch 128) with the kernels
-  (default) and without (``CNNJAX_ONEDNN=0``), float32 and bfloat16, beside PyTorch eager and
-  channels_last float32 (benchmarks/torch_worker.py) and channels_last + ``torch.autocast('cpu',
+  (``CNNJAX_ONEDNN=1``) and without (``CNNJAX_ONEDNN=0``), float32 and bfloat16, beside PyTorch
+  eager and channels_last float32 (benchmarks/torch_worker.py) and channels_last + ``torch.autocast('cpu',
   torch.bfloat16)`` (here), each a fresh process, alternated ``--repeat`` times (medians).
 * ``kernels``: which oneDNN implementations ran in one bfloat16 and one float32 train step
   (``ONEDNN_VERBOSE=1``), and the instruction set oneDNN dispatches to.
@@ -45,8 +45,11 @@ def _env(**extra) -> dict:
 
 
 def _run(args: list[str], env: dict, timeout: float = 900) -> dict:
-  proc = subprocess.run([sys.executable, *args], env=env, cwd=HERE.parent, capture_output=True,
-                        text=True, timeout=timeout)
+  try:
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=HERE.parent,
+                          capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {'error': f'timed out after {timeout:.0f} s'}
   if proc.returncode:
     return {'error': ' | '.join(proc.stderr.strip().splitlines()[-3:])}
   return parse(proc.stdout)
@@ -115,18 +118,22 @@ def torch_autocast_worker(model: str, batch: int, steps: int, budget: float) -> 
   return {'train': summarize(time_steps(train_once, steps, 3, budget), batch)}
 
 
-def step_table(model: str, batch: int, repeat: int, steps: int, budget: float) -> dict:
+def step_table(model: str, batch: int, repeat: int, steps: int, budget: float,
+               only: str | None = None) -> dict:
   common = ['--model', model, '--batch', str(batch), '--steps', str(steps), '--budget', str(budget)]
   configs = {
-      'cnnjax float32, oneDNN': (['benchmarks/jax_worker.py', *common], {}),
+      'cnnjax float32, oneDNN': (['benchmarks/jax_worker.py', *common], {'CNNJAX_ONEDNN': '1'}),
       'cnnjax float32, XLA': (['benchmarks/jax_worker.py', *common], {'CNNJAX_ONEDNN': '0'}),
-      'cnnjax bfloat16, oneDNN': (['benchmarks/jax_worker.py', *common, '--dtype', 'bfloat16'], {}),
+      'cnnjax bfloat16, oneDNN': (['benchmarks/jax_worker.py', *common, '--dtype', 'bfloat16'],
+                                  {'CNNJAX_ONEDNN': '1'}),
       'cnnjax bfloat16, XLA': (['benchmarks/jax_worker.py', *common, '--dtype', 'bfloat16'],
                                {'CNNJAX_ONEDNN': '0'}),
       'PyTorch eager / channels_last float32': (['benchmarks/torch_worker.py', *common], {}),
       'PyTorch channels_last + autocast bfloat16': (
           [__file__, '--torch-autocast-worker', *common], {}),
   }
+  if only:   # e.g. 'float32': the configurations whose label contains one of these words
+    configs = {k: v for k, v in configs.items() if any(w in k for w in only.split(','))}
   rates = collections.defaultdict(list)
   for _ in range(repeat):
     for label, (args, extra) in configs.items():
@@ -168,8 +175,8 @@ def kernels_used(model: str, batch: int) -> dict:
   out = {}
   for dtype in ('float32', 'bfloat16'):
     proc = subprocess.run([sys.executable, '-c', _VERBOSE_STEP, model, dtype, str(batch)],
-                          env=_env(ONEDNN_VERBOSE='1'), cwd=HERE.parent, capture_output=True,
-                          text=True, timeout=900)
+                          env=_env(ONEDNN_VERBOSE='1', CNNJAX_ONEDNN='1'), cwd=HERE.parent,
+                          capture_output=True, text=True, timeout=900)
     lines = proc.stdout.split('ONEDNN_VERBOSE_STEP_START', 1)[-1].splitlines()
     used = collections.Counter()
     for line in lines:
@@ -189,6 +196,8 @@ def main(argv=None) -> None:
   p.add_argument('--repeat', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--budget', type=float, default=20.0)
+  p.add_argument('--only', default=None,
+                 help='steps: only the configurations whose label has one of these words (a,b)')
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--json', default=None, help='also write the results to this file')
   p.add_argument('--torch-autocast-worker', action='store_true', help=argparse.SUPPRESS)
@@ -204,7 +213,8 @@ def main(argv=None) -> None:
   if 'convs' in parts:
     result['convs'] = conv_table(args.batch, args.repeat, args.smoke)
   if 'steps' in parts:
-    result['steps'] = step_table(args.model, args.batch, args.repeat, args.steps, args.budget)
+    result['steps'] = step_table(args.model, args.batch, args.repeat, args.steps, args.budget,
+                                 args.only)
   if 'kernels' in parts:
     result['kernels'] = kernels_used(args.model, args.batch)
   result['load_average_after'] = load_average()

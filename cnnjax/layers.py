@@ -11,9 +11,10 @@ so that torchvision weights port by transposition alone:
 * the default initializers are PyTorch's (uniform in +-1/sqrt(fan_in) for weights and biases);
 * BatchNorm uses eps=1e-5 and updates its running variance with the unbiased batch variance.
 
-On the CPU, `Conv2d` runs on oneDNN's convolutions (`cnnjax.kernels`, when its library is
-built; ``CNNJAX_ONEDNN=0`` turns it off), convolutions with very few channels and tiling pools
-take the fast paths of `cnnjax.fast_paths` (same results, faster under XLA:CPU).
+On the CPU, `Conv2d` runs on oneDNN's convolutions (`cnnjax.kernels`: when its library is
+built and the CPU has AVX-512, or ``CNNJAX_ONEDNN=1``; ``=0`` turns it off), convolutions with
+very few channels and tiling pools take the fast paths of `cnnjax.fast_paths` (same results,
+faster under XLA:CPU).
 
 Momentum conventions differ between the frameworks: Flax keeps ``momentum`` as the weight of the
 *old* running statistic, PyTorch as the weight of the *new* batch statistic. Flax 0.9 == PyTorch

@@ -1,9 +1,10 @@
 """CPU kernels called through ``jax.ffi``: oneDNN's convolutions (float32 and bfloat16).
 
 `cnnjax.layers.Conv2d` computes its convolutions with `conv2d` on the CPU when the library
-loads (see `cnnjax.kernels.loader`), and with XLA's ``lax.conv_general_dilated`` otherwise: on
-other backends, platforms, after a failed build, or when switched off with ``CNNJAX_ONEDNN=0``
-or `use_onednn(False)`. `backend()` says which is active and on which instruction set.
+loads (see `cnnjax.kernels.loader`) and the CPU has AVX-512 (where oneDNN was measured faster),
+and with XLA's ``lax.conv_general_dilated`` otherwise: on other backends, platforms, after a failed
+build, with AVX2 only unless ``CNNJAX_ONEDNN=1``, or when switched off with ``CNNJAX_ONEDNN=0`` or
+`use_onednn(False)`. `backend()` says which is active, why, and on which instruction set.
 
 * ``onednn_conv.cc``: the C++ FFI handlers (forward; backward: backward-data + backward-weights);
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
@@ -14,17 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Iterator
 
 from cnnjax.kernels import loader
 from cnnjax.kernels.loader import ENV_SWITCH, KernelUnavailableWarning, library, unavailable_reason
 
-_USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=True)
+_USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=None)   # None: automatic
+
+# Where oneDNN's convolutions are used without being asked for: the instruction sets on which they
+# were measured faster than XLA's (AVX-512 and newer; with AVX2 only, small_resnet's train step
+# was slower: benchmarks/README.md). CNNJAX_ONEDNN=1 or use_onednn(True) uses them anyway.
+_AUTOMATIC_ISAS = ('avx512_core',)
 
 
 @contextlib.contextmanager
-def use_onednn(enabled: bool) -> Iterator[None]:
-  """Turns the oneDNN convolutions on or off for the convolutions traced inside."""
+def use_onednn(enabled: bool | None) -> Iterator[None]:
+  """Turns the oneDNN convolutions on or off (None: automatic) for the convolutions traced inside."""
   token = _USE_ONEDNN.set(enabled)
   try:
     yield
@@ -32,11 +39,27 @@ def use_onednn(enabled: bool) -> Iterator[None]:
     _USE_ONEDNN.reset(token)
 
 
+def _choice(lib) -> tuple[bool, str | None]:
+  """(use oneDNN?, why not) for a loaded library."""
+  asked = _USE_ONEDNN.get()
+  if asked is not None:
+    return asked, None if asked else 'switched off by use_onednn(False)'
+  if os.environ.get(ENV_SWITCH, '').strip().lower() in ('1', 'true', 'on', 'yes'):
+    return True, None
+  if lib.isa.startswith(_AUTOMATIC_ISAS):
+    return True, None
+  return False, (f'oneDNN is used by default only with AVX-512 (this CPU: {lib.isa}, where it '
+                 f'was measured slower than XLA); {ENV_SWITCH}=1 uses it')
+
+
 def active() -> bool:
   """Whether a convolution traced now runs on oneDNN (loads the library on the first call;
   if it cannot load, warns once with the reason)."""
   import jax
-  return (_USE_ONEDNN.get() and jax.default_backend() == 'cpu' and library() is not None)
+  if jax.default_backend() != 'cpu':
+    return False
+  lib = library()
+  return lib is not None and _choice(lib)[0]
 
 
 def backend() -> dict:
@@ -49,11 +72,12 @@ def backend() -> dict:
     return {'conv': 'xla', 'reason': f'the default backend is {jax.default_backend()}'}
   if lib is None:
     return {'conv': 'xla', 'reason': unavailable_reason()}
-  info = {'conv': 'onednn' if _USE_ONEDNN.get() else 'xla', 'onednn': lib.onednn_version,
+  use, reason = _choice(lib)
+  info = {'conv': 'onednn' if use else 'xla', 'onednn': lib.onednn_version,
           'isa': lib.isa, 'bfloat16': 'native' if lib.bf16_native else 'computed in float32',
           'library': lib.path}
-  if not _USE_ONEDNN.get():
-    info['reason'] = 'switched off by use_onednn(False)'
+  if reason:
+    info['reason'] = reason
   for kind in loader.PASSES:
     if lib.last_impl(kind):
       info[f'last_{kind}'] = lib.last_impl(kind)

@@ -6,8 +6,9 @@ two handlers (forward; backward: both gradients) as XLA FFI targets for the CPU 
 OS or architecture, a failed build, missing wheel) `library()` returns None, cnnjax keeps XLA's
 convolutions, and the reason is given once as a `KernelUnavailableWarning` (not when switched off).
 
-Switch: ``CNNJAX_ONEDNN=0`` in the environment (read at that first use), or
-`cnnjax.kernels.use_onednn(False)` around tracing.
+Switch: ``CNNJAX_ONEDNN=0`` in the environment (read at that first use) never loads it;
+``CNNJAX_ONEDNN=1`` uses it on any instruction set (by default only with AVX-512:
+`cnnjax.kernels.active`); `cnnjax.kernels.use_onednn(False | True)` around tracing.
 """
 from __future__ import annotations
 
