@@ -267,3 +267,14 @@ def test_switched_off_by_the_environment(lib):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == ("False {'conv': 'xla', 'reason': 'switched off "
                                  "(CNNJAX_ONEDNN=0)'}")
+
+
+def test_vmap_of_the_gradient_runs_once_per_element(lib):
+  """jacrev / per-example gradients vmap the custom VJP: each element is its own call."""
+  case = CASES[1]
+  x, kernel = _operands(case, 0)
+
+  def per_example(fn):
+    loss = lambda k, xi: jnp.sum(jnp.sin(fn(xi[None], k, case)))
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(kernel, x)
+  assert _relative(per_example(_onednn), per_example(_xla)) <= 1e-5

@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 
 from cnnjax.kernels import loader
@@ -57,7 +58,10 @@ def _pass(kind: str, spec: ConvSpec):
     results = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
     return tuple(jax.ffi.ffi_call(loader.TARGETS['backward'], results, vmap_method='sequential')(
         x, w, dy, **spec.attrs()))
-  return batch_partitioned(kind, forward if kind == 'forward' else backward)
+  # custom_partitioning has no batching rule: under vmap (jacrev, per-example gradients) the
+  # pass runs once per vmapped element.
+  return jax.custom_batching.sequential_vmap(
+      batch_partitioned(kind, forward if kind == 'forward' else backward))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
