@@ -41,7 +41,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 # them as checkpoint.load_variables and so on.
 from cnnjax import checkpoint_failures as failures
 from cnnjax.checkpoint_variables import (  # noqa: F401
-    describe_mismatch, find_checkpoint, holds_ema, load_variables, metadata_tree, path_str,
+    check_fits, describe_mismatch, find_checkpoint, holds_ema, load_variables, metadata_tree, path_str,
     shapes_by_path)
 from cnnjax.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 

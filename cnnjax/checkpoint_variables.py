@@ -114,3 +114,17 @@ def load_variables(path: str | pathlib.Path,
   variables = {k: jax.device_get(restored[k]) for k in ('params', 'batch_stats')
                if restored.get(k)}
   return variables, step_dir
+
+
+def check_fits(variables: dict, model, image_shape: tuple[int, ...], step_dir, model_name: str) -> None:
+  """Raises CheckpointError naming the mismatched paths unless `variables` (read from
+  `step_dir`) are exactly the variables `model` builds for images of `image_shape`."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  expected = jax.eval_shape(functools.partial(model.init, train=False),
+                            {'params': jax.random.key(0)},
+                            jnp.zeros((1, *image_shape), jnp.float32))
+  mismatch = describe_mismatch(shapes_by_path(variables), shapes_by_path(dict(expected)))
+  if mismatch:
+    raise CheckpointError(f'checkpoint {step_dir} does not fit {model_name} as this config '
+                          f'builds it ({mismatch}); pass the overrides it was trained with.')

@@ -37,14 +37,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     raise
   dataset = runner.load_data(config)
   model = runner.build_model(config, dataset)
-  expected = jax.eval_shape(functools.partial(model.init, train=False),
-                            {'params': jax.random.key(0)},
-                            jnp.zeros((1, *dataset.image_shape), jnp.float32))
-  mismatch = checkpoint.describe_mismatch(checkpoint.shapes_by_path(variables),
-                                          checkpoint.shapes_by_path(dict(expected)))
-  if mismatch:
-    raise CheckpointError(f'checkpoint {step_dir} does not fit {config.model.name} as this '
-                          f'config builds it ({mismatch}); pass the overrides it was trained with.')
+  checkpoint.check_fits(variables, model, dataset.image_shape, step_dir, config.model.name)
   return model, variables, dataset, step_dir
 
 

@@ -64,14 +64,7 @@ def load_best(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   float_config = ml_collections.ConfigDict(config.to_dict())
   float_config.model.dtype = 'float32'
   model = runner.build_model(float_config, dataset)
-  expected = jax.eval_shape(functools.partial(model.init, train=False),
-                            {'params': jax.random.key(0)},
-                            jnp.zeros((1, *dataset.x_test.shape[1:]), jnp.float32))
-  mismatch = checkpoint.describe_mismatch(checkpoint.shapes_by_path(variables),
-                                          checkpoint.shapes_by_path(dict(expected)))
-  if mismatch:
-    raise CheckpointError(f'checkpoint {step_dir} does not fit {config.model.name} as this '
-                          f'config builds it ({mismatch}); pass the overrides it was trained with.')
+  checkpoint.check_fits(variables, model, dataset.x_test.shape[1:], step_dir, config.model.name)
   return model, variables, dataset, step_dir
 
 
