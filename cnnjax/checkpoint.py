@@ -26,6 +26,7 @@ Reading only the model variables of a checkpoint (transfer learning, `--visualiz
 """
 from __future__ import annotations
 
+import gc
 import pathlib
 import shutil
 import time
@@ -294,6 +295,7 @@ class Checkpoints:
       pass
     if jax.process_index() == 0:
       failures.remove_partial(self.directory)
+    gc.collect()  # asyncio reports a failed write when its task is collected: now, not at exit
     self._closed = True  # orbax's other threads may still log this failure: the filter stays
     raise failures.save_failed(self.directory, step, error) from error
 

@@ -8,8 +8,8 @@ orbax's background threads; `remove_partial` deletes the step directory orbax di
 deletes old checkpoints only after a new one is complete), so rerunning resumes from them.
 
 `QuietOrbax` drops orbax's own log lines about what these words replace (the tracebacks of a
-failed save, and the warning that a save between evaluations has no metrics). Tracebacks that
-orbax's event loops print for the writes still in flight when a save failed cannot be filtered.
+failed save, the asyncio reports of its writes still in flight when it failed, and the warning
+that a save between evaluations has no metrics).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class QuietOrbax(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == 'asyncio':
-      return not _through_orbax(record.exc_info)
+      return not (_through_orbax(record.exc_info) or _about_a_partial_step(record))
     if not _in_orbax(record.pathname):
       return True
     return record.levelno < logging.ERROR and 'tracked_metric' not in record.getMessage()
@@ -59,6 +59,13 @@ def _through_orbax(exc_info) -> bool:
       return True
     traceback = traceback.tb_next
   return False
+
+
+def _about_a_partial_step(record: logging.LogRecord) -> bool:
+  """True for a report that names a step directory orbax had not committed: a write awaited
+  only through tensorstore's futures has no orbax frame in its traceback, only the path."""
+  error = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+  return TMP_MARK in record.getMessage() or TMP_MARK in str(error)
 
 
 def committed_steps(directory: pathlib.Path) -> list[int]:
