@@ -20,10 +20,7 @@ Expected: the paper's 82.1% top-1 is with its data side too — RandAugment rand
           On torchvision's layer_scale (shape (C,1,1) there, (C,) here) the official code
           applies no weight decay; cnnjax decays it (its name is neither 'bias' nor 'scale').
 """
-from cnnjax.config import base_config
-
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from cnnjax.config import base_config, load_experiment
 
 
 def get_config():
@@ -31,10 +28,7 @@ def get_config():
   config.model.name = 'convnext_tiny'
   config.model.dtype = 'bfloat16'
   config.model.kwargs.stochastic_depth_prob = 0.1
-  config.data.name = 'tfds:imagenet2012'
-  config.data.image_size = 224
-  config.data.flip = True
-  config.data.mean, config.data.std = IMAGENET_MEAN, IMAGENET_STD
+  config.data = load_experiment('imagenet_resnet50').data   # streamed, 224 px, flip, mean/std
   config.optimizer.name = 'adamw'
   config.optimizer.lr = 4e-3
   config.optimizer.weight_decay = 0.05

@@ -26,6 +26,7 @@ def get_config():
   config.model.name = 'resnet50'
   config.model.dtype = 'bfloat16'
   config.model.kwargs.zero_init_residual = True   # flax: scale_init=zeros on each block's last BN
+  # The data side; imagenet_convnext_tiny and imagenet_resnet50_lamb take this config.data.
   config.data.name = 'tfds:imagenet2012'
   config.data.image_size = 224
   config.data.flip = True
