@@ -13,10 +13,13 @@ Command:  python run.py --experiment imagenet_resnet50_lamb   (data as imagenet_
           LARS instead (You et al. 2017; its local rate, momentum 0.9, the same exclusions):
           --config.optimizer.name=lars --config.optimizer.lr=... (LARS's global rate is not
           LAMB's; see cnnjax/optim.py).
-Expected: the paper's A3 result, 78.1% top-1 at 224 px, also uses binary cross-entropy, mixup
-          0.1, cutmix 1.0 and RandAugment m6 std 0.5, which this file does not set, and tests at
-          224; expect clearly lower here (closer to the 76% of the classic SGD recipe, at 160
-          px). Not measured (no ImageNet and no accelerator on this project's machines).
+Expected: the paper's A3 result, 78.1% top-1 at 224 px, also uses binary cross-entropy (cnnjax
+          has none), mixup 0.1, cutmix 1.0 and RandAugment m6 std 0.5, which this file does not
+          set (--config.data.mixup_alpha=0.1 --config.data.cutmix_alpha=1.0
+          --config.data.randaugment=2,18 come closest: timm's m6 of 10 is torchvision's bin 18
+          of 0-30), and tests at 224; expect clearly lower here (closer to the 76% of the
+          classic SGD recipe, at 160 px). Not measured (no ImageNet and no accelerator on this
+          project's machines).
 """
 from cnnjax.config import base_config, load_experiment
 
