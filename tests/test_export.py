@@ -1,6 +1,7 @@
 """cnnjax.export and `run.py --export`: a short quickstart run exported to every format, each
-reloaded in its own runtime and compared with the JAX model; one model of every zoo family
-through StableHLO and ONNX at a small input; the check that refuses a wrong export; bad input."""
+reloaded in its own runtime and compared with the JAX model; a streamed run (a folder of JPEGs
+cropped to 16 px) exported and checked batch by batch; one model of every zoo family through
+StableHLO and ONNX at a small input; the check that refuses a wrong export; bad input."""
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ import run as run_cli  # noqa: E402
 from cnnjax import config as config_lib
 from cnnjax import data, export, models, runner
 from cnnjax.errors import ExportError  # noqa: E402
+from tests.test_streaming import write_tree  # noqa: E402
 
 onnxruntime = pytest.importorskip('onnxruntime', reason='ONNX export needs onnxruntime')
 pytest.importorskip('jax2onnx', reason='ONNX export needs jax2onnx')
@@ -147,6 +149,67 @@ def test_bad_input_is_one_sentence_and_exit_2(trained, tmp_path, capsys, monkeyp
   after = (trained / 'export' / 'mnist_cnn.onnx').read_bytes() \
       if (trained / 'export' / 'mnist_cnn.onnx').exists() else None
   assert before == after
+
+
+# A run that streams its data: 18 train / 9 test JPEGs of 20-90 px in 3 classes, cropped to 16.
+STREAMED = ['model.name=convnet', 'model.kwargs.widths=(4,8,8)', 'model.kwargs.hidden=16',
+            'data.image_size=16', 'data.workers=0', 'train.batch_size=6', 'train.num_steps=4',
+            'train.eval_batch_size=9', 'train.progress_bar=false']
+
+
+@pytest.fixture(scope='module')
+def streamed(tmp_path_factory):
+  """(workdir, overrides) of a 4-step convnet run streamed from a folder of JPEGs."""
+  root = tmp_path_factory.mktemp('jpegs')
+  write_tree(root)
+  overrides = STREAMED + [f'data.name=folder:{root}']
+  workdir = root / 'run'
+  runner.run(config_lib.load_experiment('quickstart', overrides), workdir)
+  return workdir, overrides
+
+
+def test_a_streamed_run_exports_checked_batch_by_batch(streamed, capsys, monkeypatch):
+  workdir, overrides = streamed
+  args = ['--experiment', 'quickstart', '--workdir', str(workdir)] + [
+      f'--config.{o}' for o in overrides]
+  seen = []  # the size of every batch normalized for the check: never the whole split
+  normalize = export.check.normalized
+  monkeypatch.setattr(export.check, 'normalized',
+                      lambda x, *a: seen.append(len(x)) or normalize(x, *a))
+  monkeypatch.setattr(export, 'CHECK_BATCH', 4)   # 9 test images: 4 + 4 + 1 (padded)
+  for fmt in ('stablehlo', 'onnx'):
+    assert run_cli.main(args + ['--export', fmt]) == 0, capsys.readouterr().err
+  assert seen == [4, 4, 4] * 2
+  out = capsys.readouterr().out
+  assert out.count('checked on 9 test images') == 2 and "('N', 16, 16, 3)" in out
+  meta = json.loads((workdir / 'export' / 'convnet.onnx.json').read_text())
+  assert meta['input']['shape'] == [None, 16, 16, 3]        # the eval crop, not a stored size
+  assert meta['preprocessing']['center_crop'] == 16
+  assert meta['class_names'] == ['ant', 'bee', 'cow'] and meta['output']['shape'] == [None, 3]
+  check = meta['check']
+  assert check['images'] == 9 and check['top1_mismatches'] == 0
+  assert check['max_relative_error'] <= 1e-5
+  step = meta['source_checkpoint']['step']
+  scored = json.loads((workdir / 'checkpoints' / str(step) / 'metrics' / 'metrics').read_text())
+  assert check['accuracy'] == pytest.approx(scored['test_accuracy'])  # what evaluation counted
+
+  # A deployer's path: one test image through the eval crop, normalized by the metadata.
+  config = config_lib.load_experiment('quickstart', overrides)
+  from cnnjax.export import run_export
+  model, variables, dataset, _ = run_export.load_best(config, workdir)
+  image, _ = dataset.test_image(8)
+  norm = meta['normalization']
+  x = ((image[None].astype(np.float32) - np.float32(norm['mean'])) /
+       np.float32(norm['std'])).astype(np.float32)
+  want = np.asarray(model.apply(variables, x, train=False))
+  session = onnxruntime.InferenceSession(str(workdir / 'export' / 'convnet.onnx'))
+  np.testing.assert_allclose(session.run(None, {'image': x})[0], want,
+                             atol=1e-5 * np.abs(want).max())
+
+  assert run_cli.main(args + ['--export', 'onnx-int8']) == 0, capsys.readouterr().err
+  int8 = json.loads((workdir / 'export' / 'convnet.int8.onnx.json').read_text())['int8']
+  assert int8['images'] == 9 and int8['calibration_images'] == 18   # every training image
+  assert int8['float32_accuracy'] == pytest.approx(check['reference_accuracy'])
 
 
 def test_the_check_refuses_other_logits_and_keeps_nothing(tmp_path, test_split):

@@ -3,7 +3,7 @@ check that an exported model computes the JAX model's logits on real images.
 
 The check runs the exported model and the JAX model (`model.apply(variables, x, train=False)`,
 jit-compiled, BatchNorm on its running statistics) on the same normalized images, in batches of
-one fixed size (the last one padded), and requires
+one fixed size (the last one padded and masked), and requires
 
 * the largest logit difference over all images, relative to the largest JAX logit
   (``max|exported - jax| / max|jax|``), to be at most `tolerance` (1e-5 for float32 exports), and
@@ -11,17 +11,30 @@ one fixed size (the last one padded), and requires
 
 Anything else raises `ExportError` with one sentence naming the format, the model and what
 differed, and the caller keeps nothing of that export.
+
+The test images come batch by batch from one of two places, and the comparison (`measure`)
+accumulates over the batches, so neither the images nor the logits of the whole split are ever
+held at once:
+
+* `array_batches`: normalized float32 NHWC arrays the caller holds (the library API);
+* `dataset_batches`: a run's test split, read through `eval_batches(batch_size)` as the
+  runner's evaluation and `--visualize` read it (a `cnnjax.data.Dataset` in memory, or a
+  `cnnjax.data.stream.Stream` decoding, resizing and center-cropping files: ImageNet's 50,000
+  test images stream through one batch at a time), and normalized as evaluation normalizes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.data import augment
 from cnnjax.errors import ExportError
 
 TOLERANCE = 1e-5
@@ -49,19 +62,78 @@ def forward(model, variables) -> Callable[[jax.Array], jax.Array]:
   return logits
 
 
+Batch = dict  # {'image': normalized float32 NHWC, 'label': int32 or None, 'mask': bool,
+#                'reference': the JAX model's logits of the batch, when the caller has them}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normalize(images, mean, std):
+  return augment.normalize(images, mean, std)
+
+
+def normalized(images: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 pixels as the model sees them: `augment.normalize`, as evaluation applies it."""
+  return np.asarray(_normalize(jnp.asarray(images), tuple(map(float, mean)),
+                               tuple(map(float, std))), np.float32)
+
+
+def _padded(a: np.ndarray, size: int) -> np.ndarray:
+  if len(a) == size:
+    return a
+  return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
+
+
+@contextlib.contextmanager
+def array_batches(images: np.ndarray, labels: np.ndarray | None = None,
+                  reference: np.ndarray | None = None,
+                  batch_size: int = 250) -> Iterator[Iterator[Batch]]:
+  """Batches of exactly `batch_size` (at most the number of images) of normalized float32 NHWC
+  `images`, with their `labels` and `reference` logits when given; the last one padded."""
+  images = np.asarray(images, np.float32)
+  if reference is not None and len(reference) != len(images):
+    raise ExportError(f'{len(reference)} reference logits were given for {len(images)} images.')
+  size = max(1, min(batch_size, len(images)))
+
+  def batches():
+    for start in range(0, len(images), size):
+      rows = slice(start, start + size)
+      real = len(images[rows])
+      yield {'image': _padded(images[rows], size), 'mask': np.arange(size) < real,
+             'label': None if labels is None else _padded(np.asarray(labels)[rows], size),
+             'reference': None if reference is None else _padded(reference[rows], size)}
+  yield batches()
+
+
+@contextlib.contextmanager
+def dataset_batches(dataset, batch_size: int = 250) -> Iterator[Iterator[Batch]]:
+  """The test split of `dataset` (`Dataset` or `Stream`) in batches of exactly `batch_size` (at
+  most the split's size), read through `dataset.eval_batches` and normalized with the dataset's
+  mean and std; the reader (and its worker processes) stops when the block exits."""
+  size = max(1, min(batch_size, dataset.num_test))
+  with dataset.eval_batches(size) as batches:
+    yield ({'image': normalized(b['image'], dataset.mean, dataset.std),
+            'label': np.asarray(b['label']), 'mask': np.asarray(b['mask'], bool),
+            'reference': None} for b in batches)
+
+
+def image_batches(images, labels=None, reference=None, batch_size: int = 250):
+  """`dataset_batches` for a dataset (anything with `eval_batches`), else `array_batches`."""
+  if hasattr(images, 'eval_batches'):
+    if labels is not None or reference is not None:
+      raise ExportError('a dataset brings its own labels; pass labels and reference logits '
+                        'only with image arrays.')
+    return dataset_batches(images, batch_size)
+  return array_batches(images, labels, reference, batch_size)
+
+
 def batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
             batch_size: int) -> np.ndarray:
-  """`run` over `images` in batches of exactly `batch_size` (the last padded with zeros), so each
-  runtime compiles or allocates for one shape only."""
-  batch_size = max(1, min(batch_size, len(images)))
+  """`run`'s outputs of normalized float32 NHWC `images`, in batches of exactly `batch_size`
+  (the last padded), so each runtime compiles or allocates for one shape only."""
   out = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    real = len(batch)
-    if real < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]),
-                                              batch.dtype)])
-    out.append(np.asarray(run(np.ascontiguousarray(batch)), np.float32)[:real])
+  with array_batches(images, batch_size=batch_size) as batches:
+    for batch in batches:
+      out.append(np.asarray(run(np.ascontiguousarray(batch['image'])), np.float32)[batch['mask']])
   return np.concatenate(out)
 
 
@@ -84,27 +156,63 @@ class Agreement:
     return dataclasses.asdict(self)
 
 
-def compare(got: np.ndarray, want: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
-  """The agreement of logits `got` with the reference `want` (and accuracies, given labels)."""
-  if got.shape != want.shape:
-    raise ExportError(f'the exported model returned logits of shape {got.shape}, the JAX model '
-                      f'{want.shape}.')
-  scale = float(np.max(np.abs(want))) or 1.0
-  error = float(np.max(np.abs(got - want))) / scale if got.size else 0.0
-  if not np.all(np.isfinite(got)):
-    error = float('inf')
-  top_got, top_want = got.argmax(-1), want.argmax(-1)
-  accuracy = reference = None
-  if labels is not None:
-    accuracy, reference = float(np.mean(top_got == labels)), float(np.mean(top_want == labels))
-  return Agreement(len(got), error, int(np.sum(top_got != top_want)), accuracy, reference)
+class Tally:
+  """An `Agreement` accumulated batch by batch: the largest logit difference and the largest
+  JAX logit (their ratio at the end is the relative error over all images), top-1 mismatches and
+  both models' correct predictions."""
+
+  def __init__(self):
+    self.images = self.mismatches = self.correct = self.reference_correct = 0
+    self.max_difference = self.max_logit = 0.0
+    self.finite = self.labeled = True
+
+  def add(self, got: np.ndarray, want: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Counts the real rows `got` (exported logits) of a batch against `want` (JAX logits)."""
+    if got.shape != want.shape:
+      raise ExportError(f'the exported model returned logits of shape {got.shape[1:]} per image, '
+                        f'the JAX model {want.shape[1:]}.')
+    self.images += len(got)
+    if not got.size:
+      return
+    self.finite = self.finite and bool(np.all(np.isfinite(got)))
+    self.max_difference = max(self.max_difference, float(np.max(np.abs(got - want))))
+    self.max_logit = max(self.max_logit, float(np.max(np.abs(want))))
+    top_got, top_want = got.argmax(-1), want.argmax(-1)
+    self.mismatches += int(np.sum(top_got != top_want))
+    if labels is None:
+      self.labeled = False
+    else:
+      self.correct += int(np.sum(top_got == labels))
+      self.reference_correct += int(np.sum(top_want == labels))
+
+  def agreement(self) -> Agreement:
+    error = self.max_difference / (self.max_logit or 1.0) if self.finite else float('inf')
+    accuracy = reference = None
+    if self.labeled and self.images:
+      accuracy, reference = self.correct / self.images, self.reference_correct / self.images
+    return Agreement(self.images, error, self.mismatches, accuracy, reference)
 
 
-def check(what: str, got: np.ndarray, want: np.ndarray, labels: np.ndarray | None = None,
-          tolerance: float = TOLERANCE) -> Agreement:
-  """`compare`, raising ExportError when the logits differ by more than `tolerance` or any
-  top-1 class differs. `what` names the export in the sentence ('the ONNX export of resnet18')."""
-  agreement = compare(got, want, labels)
+def measure(runs: dict[str, Callable[[np.ndarray], np.ndarray]], batches,
+            reference: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Agreement]:
+  """Runs every exported model of `runs` and the JAX model (`reference`, where a batch brings
+  no reference logits) on each batch of `batches` (an `image_batches` block) once, and returns each
+  model's `Agreement` over all real rows."""
+  tallies = {name: Tally() for name in runs}
+  with batches as stream:
+    for batch in stream:
+      mask, x = batch['mask'], np.ascontiguousarray(batch['image'])
+      want = batch.get('reference')
+      want = np.asarray(reference(x) if want is None else want, np.float32)[mask]
+      labels = None if batch.get('label') is None else np.asarray(batch['label'])[mask]
+      for name, run in runs.items():
+        tallies[name].add(np.asarray(run(x), np.float32)[mask], want, labels)
+  return {name: tally.agreement() for name, tally in tallies.items()}
+
+
+def check(what: str, agreement: Agreement, tolerance: float = TOLERANCE) -> Agreement:
+  """`agreement`, or ExportError when the logits differ by more than `tolerance` or any top-1
+  class differs. `what` names the export in the sentence ('the ONNX export of resnet18')."""
   if agreement.max_relative_error > tolerance or agreement.top1_mismatches:
     raise ExportError(
         f'{what} differs from the JAX model on {agreement.images} test images: max relative '

@@ -3,8 +3,10 @@
 Reads the best checkpoint of `<workdir>/checkpoints/` by `checkpoint.best_metric` (the newest
 when no checkpoint has metrics), rebuilds the model from the experiment config (in float32),
 and writes `<workdir>/export/<model><suffix>` plus `<model><suffix>.json` (cnnjax/export/
-metadata.py). Every export is checked on the run's own test split (cnnjax.data) against the
-JAX model; int8 reports its test accuracy next to float32's, calibrated on training images.
+metadata.py). Every export is checked on the run's own test split against the JAX model, read
+batch by batch as evaluation reads it (in memory, or streamed from files and center-cropped to
+`data.image_size`, the input size the exported model then takes); int8 reports its test
+accuracy next to float32's, calibrated on training images (cnnjax/export/quantize.py).
 Reads the workdir only (no lock), so it can run beside a training run of the same workdir.
 """
 from __future__ import annotations
@@ -14,20 +16,15 @@ import json
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cnnjax import checkpoint
-from cnnjax.data import augment
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.export import metadata
 
 # format -> file suffix
 FORMATS = {'stablehlo': '.stablehlo', 'onnx': '.onnx', 'tflite': '.tflite',
            'onnx-int8': '.int8.onnx'}
-CALIBRATION_IMAGES = 1000
 
 
 def best_step_dir(workdir: pathlib.Path, metric: str) -> pathlib.Path:
@@ -56,20 +53,15 @@ def load_best(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   from cnnjax import runner  # late: runner pulls in the whole training stack
   step_dir = best_step_dir(workdir, str(config.checkpoint.best_metric))
   variables, step_dir = checkpoint.load_variables(step_dir)
-  dataset = runner.load_data(config)
-  if not hasattr(dataset, 'x_test'):
-    raise ConfigError('export checks every model on the test split held in memory; this '
-                      'config streams its data (data.pipeline / data.image_size), which export '
-                      'does not read yet.')
   float_config = ml_collections.ConfigDict(config.to_dict())
   float_config.model.dtype = 'float32'
+  # A recipe that writes its data into the workdir names it so (folder_digits:
+  # 'folder:<workdir>/digits'); the run read it from there.
+  float_config.data.name = str(config.data.name).replace('<workdir>', str(workdir))
+  dataset = runner.load_data(float_config)
   model = runner.build_model(float_config, dataset)
-  checkpoint.check_fits(variables, model, dataset.x_test.shape[1:], step_dir, config.model.name)
+  checkpoint.check_fits(variables, model, dataset.image_shape, step_dir, config.model.name)
   return model, variables, dataset, step_dir
-
-
-def _normalized(images: np.ndarray, mean, std) -> np.ndarray:
-  return np.asarray(augment.normalize(jnp.asarray(images), mean, std), np.float32)
 
 
 def export_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, fmt: str,
@@ -87,28 +79,23 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, f
   workdir = pathlib.Path(workdir)
   started = time.perf_counter()
   model, variables, dataset, step_dir = load_best(config, workdir)
-  images = _normalized(dataset.x_test, dataset.mean, dataset.std)
-  labels = np.asarray(dataset.y_test)
-  reference = export.check.jax_logits(model, variables, images, export.CHECK_BATCH)
   name = config.model.name
   path = workdir / 'export' / f'{name}{FORMATS[fmt]}'
   extra = {}
   if fmt == 'onnx-int8':
-    order = np.random.default_rng(0).permutation(len(dataset.x_train))[:CALIBRATION_IMAGES]
-    calibration = _normalized(dataset.x_train[np.sort(order)], dataset.mean, dataset.std)
-    extra['int8'] = export.quantize_int8(model, variables, path, images, labels, calibration,
-                                         layout=layout, reference=reference)
+    extra['int8'] = export.quantize_int8(model, variables, path, dataset, layout=layout)
     check = None
   else:
     save = {'stablehlo': export.to_stablehlo, 'onnx': functools.partial(export.to_onnx,
                                                                         layout=layout),
             'tflite': export.to_tflite}[fmt]
-    check = save(model, variables, path, images, labels, reference=reference).as_dict()
+    check = save(model, variables, path, dataset).as_dict()
   meta = metadata.describe(
-      fmt=fmt, file=path.name, model_name=name, input_shape=images.shape[1:], layout=layout,
+      fmt=fmt, file=path.name, model_name=name, input_shape=dataset.image_shape, layout=layout,
       num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std,
       class_names=dataset.class_names or (), step=int(step_dir.name), checkpoint=str(step_dir),
-      experiment=config.get('experiment'), check=check, **extra)
+      experiment=config.get('experiment'), check=check,
+      preprocessing=metadata.preprocessing(dataset), **extra)
   if fmt == 'stablehlo':
     meta['platforms'] = list(export.stablehlo.PLATFORMS)
   meta_path = metadata.write(path, meta)
