@@ -2,20 +2,15 @@
 on the whole batch and optax.MultiSteps over k calls; 8 devices (jit and pmap) follow one.
 
 The 8 simulated devices need a fresh JAX: that part runs in a child process (this file run as a
-script), as tests/test_parallel.py does.
+script, tests/eight_devices.py), as tests/test_parallel.py does.
 """
 from __future__ import annotations
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import eight_devices
+
 K, BATCH = 4, 32
 
 
@@ -75,53 +70,28 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused():
 # ---------------------------------------------------------------------------------------------
 # 8 devices, in a child process
 
-STEPS, DEVICES = 3, 8
+STEPS = 3
 
 
 def _child() -> dict:
   import jax
-  jax.config.update('jax_num_cpu_devices', DEVICES)
-  import flax
-  import flax.linen as nn
   import optax
 
-  from cnnjax import layers, parallel, train
-
-  class TinyNet(nn.Module):
-    """Conv -> BatchNorm -> ReLU -> pool -> fc: BN couples the rows of each micro-batch."""
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, train=False):
-      x = layers.Conv2d(8, 3, padding=1, use_bias=False, name='conv1')(x)
-      x = layers.BatchNorm(axis_name=self.bn_axis_name, name='bn1')(x, not train)
-      return layers.Linear(5, name='fc')(layers.GlobalAvgPool()(nn.relu(x)))
-
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (STEPS, BATCH, 8, 8, 3), dtype=np.uint8)
-  labels = rng.integers(0, 5, (STEPS, BATCH)).astype(np.int32)
-  variables = jax.device_get(train.init_variables(TinyNet(), (8, 8, 3), jax.random.key(1)))
+  images, labels = eight_devices.random_batches(STEPS, BATCH)
+  variables = eight_devices.initial_variables()
 
   def trajectory(mode, devices):
-    strategy = parallel.DataParallel.create(mode, devices)
-    state = train.create_train_state(TinyNet(bn_axis_name=strategy.axis_name), variables,
-                                     optax.sgd(0.05, momentum=0.9), jax.random.key(2), ema=True)
-    recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name,
-                              crop_padding=2, flip=True, accumulate_steps=2, ema_decay=0.5)
-    state = strategy.put_state(state)
-    for step in range(STEPS):
-      batch = strategy.put_batch({'image': images[step], 'label': labels[step]})
-      state, _ = strategy.train_step(state, batch, recipe)
-    return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(jax.device_get(
-        {'params': state.params, 'batch_stats': state.batch_stats, 'ema': state.ema}),
-        sep='/').items()}
+    *_, state, _ = eight_devices.train_tiny_net(
+        mode, devices, variables, optax.sgd(0.05, momentum=0.9), images, labels, ema=True,
+        crop_padding=2, flip=True, accumulate_steps=2, ema_decay=0.5)
+    return {k: np.asarray(v) for k, v in jax.device_get(
+        eight_devices.flat_variables(state, 'params', 'batch_stats', 'ema')).items()}
 
   reference = trajectory('jit', jax.devices()[:1])
   out = {}
   for mode in ('jit', 'pmap'):
     got = trajectory(mode, None)
-    out[mode] = max(float(np.linalg.norm(got[k] - v) / max(np.linalg.norm(v), 1e-30))
-                    for k, v in reference.items())
+    out[mode] = max(eight_devices.relative_error(got[k], v) for k, v in reference.items())
   out['ema_moved'] = bool(np.any(reference['ema/params/fc/kernel']
                                  != reference['params/fc/kernel']))
   return out
@@ -129,15 +99,10 @@ def _child() -> dict:
 
 @pytest.mark.slow
 def test_eight_devices_accumulate_and_average_like_one():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = eight_devices.run_child(__file__)
   assert result['jit'] <= 1e-5 and result['pmap'] <= 1e-5, result
   assert result['ema_moved']
 
 
 if __name__ == '__main__':
-  print(json.dumps(_child()))
+  eight_devices.child_main(_child)

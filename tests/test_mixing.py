@@ -10,20 +10,13 @@ N - 1 - i (`flip`) and draw CutMix boxes differently, so they are not the refere
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eight_devices
 from cnnjax.data import mixing
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 N, C, H, W, K = 6, 3, 10, 12, 5   # non-square: catches swapped box axes
 
 
@@ -108,65 +101,38 @@ def test_spec_rejects_bad_settings():
 # 8 devices: mixing (the mirror partner crosses devices) and erasing train a tiny network alike
 # under pmap, jit and one device.
 
-STEPS, BATCH, DEVICES = 3, 16, 8
+STEPS, BATCH, DEVICES = 3, 16, eight_devices.DEVICES
 
 
 def _child() -> dict:
-  jax.config.update('jax_num_cpu_devices', DEVICES)
-  import flax
-  import flax.linen as nn
   import optax
 
-  from cnnjax import layers, parallel, train
-
-  class TinyNet(nn.Module):
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, train=False):
-      x = layers.Conv2d(4, 3, padding=1, use_bias=False, name='conv1')(x)
-      x = layers.BatchNorm(axis_name=self.bn_axis_name, name='bn1')(x, not train)
-      return layers.Linear(K, name='fc')(layers.GlobalAvgPool()(nn.relu(x)))
-
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (STEPS, BATCH, 8, 8, 3), dtype=np.uint8)
-  labels = rng.integers(0, K, (STEPS, BATCH)).astype(np.int32)
-  variables = jax.device_get(train.init_variables(TinyNet(), (8, 8, 3), jax.random.key(1)))
+  images, labels = eight_devices.random_batches(STEPS, BATCH)
+  variables = eight_devices.initial_variables()
   out = {}
   for mode, devices in (('jit', 1), ('jit', DEVICES), ('pmap', DEVICES)):
-    strategy = parallel.DataParallel.create(mode, jax.devices()[:devices])
-    state = strategy.put_state(train.create_train_state(
-        TinyNet(bn_axis_name=strategy.axis_name), variables, optax.sgd(0.1), jax.random.key(2)))
-    recipe = train.StepRecipe(
-        mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name, flip=True,
-        label_smoothing=0.1, random_erasing=0.5, mixing=mixing.MixSpec(0.2, 1.0, num_classes=K))
-    losses = []
-    for step in range(STEPS):
-      batch = strategy.put_batch({'image': images[step], 'label': labels[step]})
-      state, metrics = strategy.train_step(state, batch, recipe)
-      losses.append(float(metrics['loss']))
-    leaves = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
+    _, _, state, losses = eight_devices.train_tiny_net(
+        mode, jax.devices()[:devices], variables, optax.sgd(0.1), images, labels, flip=True,
+        label_smoothing=0.1, random_erasing=0.5,
+        mixing=mixing.MixSpec(0.2, 1.0, num_classes=eight_devices.CLASSES))
+    leaves = jax.device_get(eight_devices.flat_variables(state, 'params'))
     out[f'{mode}-{devices}'] = {'loss': losses,
                                 'params': {k: np.asarray(v).tolist() for k, v in leaves.items()}}
   return out
 
 
 @pytest.fixture(scope='module')
-def eight_devices():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def eight_devices_run():
+  return eight_devices.run_child(__file__)
 
 
 @pytest.mark.parametrize('run', ['jit-8', 'pmap-8'])
-def test_eight_devices_mix_erase_and_augment_like_one(eight_devices, run):
-  reference, got = eight_devices['jit-1'], eight_devices[run]
+def test_eight_devices_mix_erase_and_augment_like_one(eight_devices_run, run):
+  reference, got = eight_devices_run['jit-1'], eight_devices_run[run]
   np.testing.assert_allclose(got['loss'], reference['loss'], rtol=1e-5)
   for name, value in reference['params'].items():
     np.testing.assert_allclose(got['params'][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 if __name__ == '__main__':
-  print(json.dumps(_child()))
+  eight_devices.child_main(_child)

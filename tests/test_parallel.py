@@ -2,76 +2,40 @@
 evaluate alike on any device count (eval batches are padded to divide, padded rows masked).
 
 The 8 simulated CPU devices need a fresh JAX, so the trajectories are computed in a child
-process (this file run as a script) and compared here.
+process (this file run as a script, tests/eight_devices.py) and compared here.
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-STEPS, BATCH, DEVICES = 10, 32, 8
+import eight_devices
+
+STEPS, BATCH, DEVICES = 10, 32, eight_devices.DEVICES
 EVAL_EXAMPLES = 1234   # divides over none of 8, 3 and 2 devices
 
 
 def _child() -> dict:
   import jax
-  jax.config.update('jax_num_cpu_devices', DEVICES)
-  import flax
-  import flax.linen as nn
-  import numpy as np
   import optax
 
-  from cnnjax import layers, parallel, train
+  from cnnjax import parallel
 
-  class TinyNet(nn.Module):
-    """Conv -> BatchNorm -> ReLU -> pool -> fc: BN couples the examples of a batch."""
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, train=False):
-      x = layers.Conv2d(8, 3, padding=1, use_bias=False, name='conv1')(x)
-      x = layers.BatchNorm(axis_name=self.bn_axis_name, name='bn1')(x, not train)
-      x = layers.GlobalAvgPool()(nn.relu(x))
-      return layers.Linear(5, name='fc')(x)
-
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (STEPS, BATCH, 8, 8, 3), dtype=np.uint8)
-  labels = rng.integers(0, 5, (STEPS, BATCH)).astype(np.int32)
+  images, labels = eight_devices.random_batches(STEPS, BATCH)
   eval_batch = {'image': images[0], 'label': labels[0], 'mask': np.arange(BATCH) < BATCH - 5}
-
-  # On the host: every run gets fresh device buffers (the steps donate the state).
-  variables = jax.device_get(train.init_variables(TinyNet(), (8, 8, 3), jax.random.key(1)))
+  variables = eight_devices.initial_variables()
 
   def trajectory(mode, devices, augment):
-    strategy = parallel.DataParallel.create(mode, devices)
-    model = TinyNet(bn_axis_name=strategy.axis_name)
-    state = train.create_train_state(model, variables, optax.sgd(0.05, momentum=0.9),
-                                     jax.random.key(2))
-    recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name,
-                              crop_padding=2 if augment else 0, flip=augment)
-    state = strategy.put_state(state)
-    losses = []
-    for step in range(STEPS):
-      batch = strategy.put_batch({'image': images[step], 'label': labels[step]})
-      state, metrics = strategy.train_step(state, batch, recipe)
-      losses.append(float(metrics['loss']))
+    strategy, recipe, state, losses = eight_devices.train_tiny_net(
+        mode, devices, variables, optax.sgd(0.05, momentum=0.9), images, labels,
+        crop_padding=2 if augment else 0, flip=augment)
     sums = strategy.eval_step(state, strategy.put_batch(eval_batch), recipe)
-    leaves = flax.traverse_util.flatten_dict({'params': state.params,
-                                              'batch_stats': state.batch_stats}, sep='/')
+    leaves = eight_devices.flat_variables(state, 'params', 'batch_stats')
     replicated = all(leaf.sharding.is_fully_replicated for leaf in leaves.values())
     return (np.array(losses), {k: np.asarray(v) for k, v in leaves.items()},
             {k: float(v) for k, v in sums.items()}, replicated)
-
-  def rel(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
   out = {}
   for augment, modes in ((False, ('jit', 'pmap')), (True, ('jit',))):
@@ -83,12 +47,13 @@ def _child() -> dict:
       loss, params, sums, replicated = trajectory(mode, None, augment)
       out[key][mode] = {
           'loss': float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss))),
-          'params': max(rel(params[k], ref_params[k]) for k in ref_params),
+          'params': max(eight_devices.relative_error(params[k], ref_params[k])
+                        for k in ref_params),
           'eval': max(abs(sums[k] - ref_sums[k]) / max(abs(ref_sums[k]), 1e-30)
                       for k in ref_sums),
           'replicated': replicated,
       }
-  out['evaluate'] = _evaluations(TinyNet, variables)
+  out['evaluate'] = _evaluations(variables)
   out['eval_batch_sizes'] = {  # (requested batch, examples): 500 of 10,000, 2000 of 100, 1 of 10
       str(n): [parallel.DataParallel.create('jit', jax.devices()[:n]).eval_batch_size(b, e)
                for b, e in ((500, 10_000), (2000, 100), (1, 10))] for n in (1, DEVICES)}
@@ -99,20 +64,20 @@ def _child() -> dict:
   return out
 
 
-def _evaluations(net, variables) -> dict:
+def _evaluations(variables) -> dict:
   """runner.evaluate over EVAL_EXAMPLES on 1, 3 and 8 devices in both modes, with eval batch
   sizes that divide over none of them, against one unpadded batch on one device."""
   import jax
-  import numpy as np
   import optax
 
   from cnnjax import parallel, runner, train
 
   rng = np.random.default_rng(3)
-  x = rng.integers(0, 256, (EVAL_EXAMPLES, 8, 8, 3), dtype=np.uint8)
-  y = rng.integers(0, 5, EVAL_EXAMPLES).astype(np.int32)
-  state = train.create_train_state(net(), variables, optax.sgd(0.1), jax.random.key(0))
-  recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3)
+  x = rng.integers(0, 256, (EVAL_EXAMPLES, *eight_devices.IMAGE_SHAPE), dtype=np.uint8)
+  y = rng.integers(0, eight_devices.CLASSES, EVAL_EXAMPLES).astype(np.int32)
+  state = train.create_train_state(eight_devices.TinyNet(), variables, optax.sgd(0.1),
+                                   jax.random.key(0))
+  recipe = train.StepRecipe(**eight_devices.NORMALIZE)
   ref = jax.device_get(jax.jit(train.eval_step, static_argnames='recipe')(
       state, {'image': x, 'label': y}, recipe))
   out = {'reference': {'loss': float(ref['loss']) / EVAL_EXAMPLES,
@@ -122,9 +87,9 @@ def _evaluations(net, variables) -> dict:
   for mode in parallel.MODES:
     for devices in (1, 3, 8):
       strategy = parallel.DataParallel.create(mode, jax.devices()[:devices])
-      model = net(bn_axis_name=strategy.axis_name)
+      model = eight_devices.TinyNet(bn_axis_name=strategy.axis_name)
       state = train.create_train_state(model, variables, optax.sgd(0.1), jax.random.key(0))
-      recipe = train.StepRecipe(mean=(127.5,) * 3, std=(64.0,) * 3, axis_name=strategy.axis_name)
+      recipe = train.StepRecipe(**eight_devices.NORMALIZE, axis_name=strategy.axis_name)
       state = strategy.put_state(state)
       for batch_size in (500, 7, 5000):
         out[f'{mode}-{devices}-{batch_size}'] = runner.evaluate(state, x, y, batch_size, recipe,
@@ -134,11 +99,7 @@ def _evaluations(net, variables) -> dict:
 
 @pytest.fixture(scope='module')
 def result():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return eight_devices.run_child(__file__)
 
 
 @pytest.mark.parametrize('mode', ['jit', 'pmap'])
@@ -201,4 +162,4 @@ def test_pmap_builds_every_model_with_batch_norm_over_the_axis():
 
 
 if __name__ == '__main__':
-  print(json.dumps(_child()))
+  eight_devices.child_main(_child)
