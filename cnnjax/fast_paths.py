@@ -8,8 +8,10 @@ tests/test_layers.py checks outputs and gradients against PyTorch), used only on
 * `tiled`: pooling whose windows tile the input (stride == kernel, no padding) as a reduction
   over a reshaped view, whose gradient XLA:CPU computes without select-and-scatter.
 
-`cpu_fast_paths(False)` turns both off while tracing (`cnnjax.summary` does, so that its
-receptive-field trace sees ordinary convolutions and pools). Measurements: benchmarks/README.md.
+`cpu_fast_paths(False)` turns both off while tracing, and with them `cnnjax.layers.Conv2d`'s
+oneDNN convolutions (`cnnjax.kernels`): the exports and `cnnjax.summary`'s receptive-field trace
+need ordinary convolutions and pools. `active()` says whether they are on for what is traced now;
+it is the one place that reads the switch. Measurements: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ _CPU_FAST_PATHS = contextvars.ContextVar('cnnjax_cpu_fast_paths', default=True)
 
 @contextlib.contextmanager
 def cpu_fast_paths(enabled: bool) -> Iterator[None]:
-  """Turns the CPU fast paths (block convolutions, tiling pools) on or off while tracing.
+  """Turns the CPU fast paths (block convolutions, tiling pools, Conv2d's oneDNN convolutions)
+  on or off while tracing.
 
-  Both compute the same function as the plain ``lax`` convolution and windowed reduction (to
-  float32 rounding), but through reshapes; `cnnjax.summary` turns them off so that its
-  receptive-field trace sees ordinary convolutions and pools.
+  They compute the same function as the plain ``lax`` convolution and windowed reduction (to
+  float32 rounding), but through reshapes or foreign calls; `cnnjax.summary` and the exports turn
+  them off so that they see ordinary convolutions and pools.
   """
   token = _CPU_FAST_PATHS.set(enabled)
   try:
@@ -38,7 +41,9 @@ def cpu_fast_paths(enabled: bool) -> Iterator[None]:
     _CPU_FAST_PATHS.reset(token)
 
 
-def _enabled() -> bool:
+def active() -> bool:
+  """Whether the fast paths apply to what is traced now: on the CPU backend, unless switched off
+  by `cpu_fast_paths(False)`."""
   return _CPU_FAST_PATHS.get() and jax.default_backend() == 'cpu'
 
 
@@ -54,7 +59,7 @@ def space_to_depth_block(in_channels: int, features: int, kernel_size, stride, d
   by s*s too, so wide layers (a ResNet stem's 64 filters) stay direct; 4x4 blocks only pay off
   for kernels of 5 and more. Only on the CPU backend, where it was measured.
   """
-  if (not _enabled() or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
+  if (not active() or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
       or in_channels > 8 or features > 32 or min(kernel_size) < 3):
     return 1
   return 4 if in_channels <= 3 and min(kernel_size) >= 5 else 2
@@ -105,7 +110,7 @@ def tiled(x: jax.Array, kernel_size, stride, padding) -> jax.Array | None:
   the select-and-scatter of a windowed reduction (3x faster tutorial_net step). The one
   difference from PyTorch: where a window holds several equal maxima, max's gradient is shared
   among them instead of going to the first (after a ReLU those are zeros, whose gradient is 0)."""
-  if not _enabled() or tuple(stride) != tuple(kernel_size) or any(lo or hi for lo, hi in padding):
+  if not active() or tuple(stride) != tuple(kernel_size) or any(lo or hi for lo, hi in padding):
     return None
   (kh, kw), (h, w) = kernel_size, x.shape[1:3]
   x = x[:, :h - h % kh, :w - w % kw]  # floor mode drops the remainder

@@ -101,7 +101,7 @@ class Conv2d(nn.Module):
                                  self.groups)
     if block > 1:
       y = conv_space_to_depth(x, kernel, padding, block)
-    elif fast_paths._enabled() and kernels.supports(x, kernel, padding) and kernels.active():
+    elif fast_paths.active() and kernels.supports(x, kernel, padding) and kernels.active():
       # The float32 parameter itself: oneDNN rounds it to x's dtype and returns a float32 gradient.
       y = kernels.conv2d(x, param if param.dtype == jnp.float32 else kernel, stride, padding,
                          dilation, self.groups)
