@@ -105,38 +105,3 @@ def test_a_stream_of_in_memory_arrays_trains_exactly_like_the_fast_path(tmp_path
     assert ('streamed as 28x28x1' in out) == (pipeline == 'stream'), out[-2000:]
     results[pipeline] = _final(workdir)
   chex.assert_trees_all_equal(results['stream'], results['memory'])
-
-
-_FOLDER_RECIPE = """
-import json, sys
-sys.path.insert(0, sys.argv[2])
-import jax
-import run as cli
-from cnnjax import recorder
-assert jax.device_count() == 8, jax.devices()
-for mode in ('jit', 'pmap'):
-  workdir = f'{sys.argv[1]}/{mode}'
-  code = cli.main(['--experiment', 'folder_digits', '--workdir', workdir,
-                   f'--config.parallel.mode={mode}', '--config.train.num_steps=10',
-                   '--config.train.progress_bar=false'])
-  rows = recorder.read_metrics(workdir)
-  print('RESULT ' + json.dumps({'mode': mode, 'code': code,
-                                'counts': [r['count'] for r in rows if r['split'] == 'test']}))
-"""
-
-
-@pytest.mark.slow
-def test_the_folder_recipe_starts_with_its_defaults_on_8_devices(tmp_path):
-  """folder_digits writes its JPEG folder (from mnist5k) and trains on 8 devices, both modes;
-  its eval batch of 500 is padded to 504 and each of the 1,000 test images counts once."""
-  import subprocess
-  import sys
-  done = subprocess.run([sys.executable, '-c', _FOLDER_RECIPE, str(tmp_path), str(runs.REPO)],
-                        cwd=runs.REPO, env=runs._env(8), capture_output=True, text=True,
-                        timeout=1200)
-  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-  results = [json.loads(line[7:]) for line in done.stdout.splitlines()
-             if line.startswith('RESULT ')]
-  assert [(r['mode'], r['code'], r['counts']) for r in results] == [
-      ('jit', 0, [1000.0]), ('pmap', 0, [1000.0])], done.stdout[-2000:]
-  assert 'streamed as 28x28x1 by' in done.stdout
