@@ -2,16 +2,21 @@
 
     python benchmarks/onednn_conv.py            # all three parts below (~10 min on 2 busy cores)
     python benchmarks/onednn_conv.py --parts convs --repeat 5
+    python benchmarks/onednn_conv.py --parts interleaved --steps 5
     python benchmarks/onednn_conv.py --smoke    # seconds: tiny shapes, one repeat
 
 Parts (``--parts``, comma-separated):
-* ``convs``: per convolution of small_resnet at batch 128 (NHWC), the forward and the training
-  pass (forward + input and kernel gradients), XLA vs oneDNN, float32 and bfloat16, in one process
-  with cnnjax's XLA:CPU flags; ``--repeat`` alternates the two and keeps each one's best.
+* ``convs``: per convolution of small_resnet at batch 128 (NHWC, float32) and per pass (forward,
+  backward-data, backward-weights): XLA (cnnjax's XLA:CPU flags), cnnjax's oneDNN FFI handlers
+  called directly, and PyTorch's channels_last convolution (oneDNN too), each jitted / called
+  alone, in one process; ``--repeat`` alternates them and keeps each one's best.
 * ``steps``: small_resnet's train step (benchmarks/jax_worker.py, batch 128) with the kernels
   (``CNNJAX_ONEDNN=1``) and without (``CNNJAX_ONEDNN=0``), float32 and bfloat16, beside PyTorch
   eager and channels_last float32 (benchmarks/torch_worker.py) and channels_last + ``torch.autocast('cpu',
   torch.bfloat16)`` (here), each a fresh process, alternated ``--repeat`` times (medians).
+* ``interleaved``: the float32 train steps of ``steps`` again, but in this one process,
+  alternated step by step (``--steps`` rounds): the fair comparison on a machine whose load
+  changes between processes.
 * ``kernels``: which oneDNN implementations ran in one bfloat16 and one float32 train step
   (``ONEDNN_VERBOSE=1``), and the instruction set oneDNN dispatches to.
 """
@@ -56,40 +61,86 @@ def _run(args: list[str], env: dict, timeout: float = 900) -> dict:
 
 
 # ------------------------------------------------------------------------------------- convs
+PASSES = ('forward', 'backward_data', 'backward_weights')
+
+
+def _xla_passes(spec):
+  import jax
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, spec.stride, spec.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return {'forward': jax.jit(lambda x, w, dy: conv(x, w)),
+          'backward_data': jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]),
+          'backward_weights': jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])}
+
+
+def _onednn_passes(spec):
+  """cnnjax's FFI handlers called directly, each jitted alone."""
+  import jax
+  from cnnjax.kernels import loader
+  loader.library()
+  call = lambda name, result, *args: jax.ffi.ffi_call(loader.TARGETS[name], result)(
+      *args, **spec.attrs())
+  shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  return {'forward': jax.jit(lambda x, w, dy: call('forward', shape(dy), x, w)),
+          'backward_data': jax.jit(lambda x, w, dy: call('backward_data', shape(x), w, dy)),
+          'backward_weights': jax.jit(lambda x, w, dy: call('backward_weights', shape(w), x, dy))}
+
+
+def _torch_passes(spec, x, w, dy):
+  """PyTorch's channels_last convolution (oneDNN inside) on the same values."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  to = lambda a, perm: torch.from_numpy(np.array(a, np.float32)).permute(*perm)
+  tx, tdy = to(x, (0, 3, 1, 2)), to(dy, (0, 3, 1, 2))             # NHWC memory: channels_last
+  tw = to(w, (3, 2, 0, 1)).contiguous(memory_format=torch.channels_last)
+  (pt, _), (pl, _) = spec.padding
+  args = ([0], spec.stride, (pt, pl), spec.dilation, False, [0, 0], spec.groups)
+  bwd = lambda mask: torch.ops.aten.convolution_backward(tdy, tx, tw, *args, mask)
+  with torch.no_grad():
+    return {'forward': lambda: F.conv2d(tx, tw, stride=spec.stride, padding=(pt, pl)),
+            'backward_data': lambda: bwd([True, False, False]),
+            'backward_weights': lambda: bwd([False, True, False])}
+
+
 def conv_table(batch: int, repeat: int, smoke: bool) -> list[dict]:
+  """Per convolution and pass, float32, ms: XLA, cnnjax's oneDNN handlers and PyTorch
+  channels_last, alternated in this process (load hits all alike), best of `repeat`."""
   import cnnjax
   cnnjax.configure_cpu()
   import jax
-  import jax.numpy as jnp
-  from cnnjax import kernels, layers
+  import torch
+  from cnnjax.kernels.conv import ConvSpec
+  torch.set_num_threads(os.cpu_count())
 
   rows = []
   for name, hw, cin, cout, k, s, p in (CONVS[1:2] if smoke else CONVS):
-    conv = layers.Conv2d(cout, k, stride=s, padding=p, use_bias=False)
-    x32 = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
-    variables = conv.init(jax.random.key(1), x32[:1])
-    flops = 2 * batch * (hw // s) ** 2 * cout * cin * k * k
-    for dtype in (jnp.float32, jnp.bfloat16):
-      x = x32.astype(dtype)
-      fns = {}
-      for backend in ('xla', 'onednn'):
-        with kernels.use_onednn(backend == 'onednn'):
-          fwd = jax.jit(lambda v, x: conv.apply(v, x)).lower(variables, x).compile()
-          train = jax.jit(jax.grad(lambda v, x: jnp.sum(conv.apply(v, x).astype(jnp.float32)),
-                                   argnums=(0, 1))).lower(variables, x).compile()
-        fns[backend] = {'forward': fwd, 'train': train}
-      best = collections.defaultdict(lambda: float('inf'))
-      for _ in range(repeat):   # alternate the backends: load hits both alike
-        for backend, passes in fns.items():
-          for kind, fn in passes.items():
-            jax.block_until_ready(fn(variables, x))
-            start = time.perf_counter()
-            jax.block_until_ready(fn(variables, x))
-            best[backend, kind] = min(best[backend, kind], time.perf_counter() - start)
-      for kind, factor in (('forward', 1), ('train', 3)):
-        rows.append({'conv': name, 'dtype': jnp.dtype(dtype).name, 'pass': kind,
-                     **{f'{b}_ms': round(1e3 * best[b, kind], 2) for b in fns},
-                     **{f'{b}_gflops': round(factor * flops / best[b, kind] / 1e9, 1) for b in fns}})
+    spec = ConvSpec((s, s), ((p, p), (p, p)), (1, 1), 1)
+    oh = spec.output_hw((hw, hw), (k, k))[0]
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (batch, hw, hw, cin))
+    w = jax.random.normal(keys[1], (k, k, cin, cout)) / (k * k * cin) ** 0.5
+    dy = jax.random.normal(keys[2], (batch, oh, oh, cout))
+    fns = {'xla': _xla_passes(spec), 'onednn': _onednn_passes(spec)}
+    calls = {(b, kind): (lambda f=f: jax.block_until_ready(f(x, w, dy)))
+             for b, passes in fns.items() for kind, f in passes.items()}
+    calls.update({('torch', kind): f for kind, f in _torch_passes(spec, x, w, dy).items()})
+    load = load_average()
+    best = collections.defaultdict(lambda: float('inf'))
+    for call in calls.values():
+      call()                    # compile, create the primitives
+    for _ in range(repeat):     # alternate: load hits all alike
+      for key, call in calls.items():
+        start = time.perf_counter()
+        call()
+        best[key] = min(best[key], time.perf_counter() - start)
+    flops = 2 * batch * oh * oh * cout * cin * k * k
+    for kind in PASSES:
+      row = {'conv': name, 'pass': kind, 'load': load}
+      for b in ('xla', 'onednn', 'torch'):
+        row[f'{b}_ms'] = round(1e3 * best[b, kind], 1)
+        row[f'{b}_gflops'] = round(flops / best[b, kind] / 1e9, 1)
+      rows.append(row)
   return rows
 
 
@@ -150,6 +201,67 @@ def step_table(model: str, batch: int, repeat: int, steps: int, budget: float,
         rates[label + ': compile s'].append(r['compile_train']['total_s'])
   return {k: (statistics.median(v) if all(isinstance(x, float) for x in v) else v)
           for k, v in rates.items()}
+
+
+def interleaved_steps(model: str, batch: int, steps: int) -> dict:
+  """float32 train steps in this one process, alternated step by step so load hits all alike:
+  cnnjax with oneDNN convolutions and with XLA's (one compiled step each), and PyTorch eager and
+  channels_last (torch_worker.py's model and loop). images/s of the median step."""
+  import cnnjax
+  cnnjax.configure_cpu()
+  import jax
+  import torch
+  import torch.nn.functional as F
+  from cnnjax import kernels, train
+  from jax_worker import host_batch, make_state
+  from torch_worker import BUILDERS
+  torch.set_num_threads(os.cpu_count())
+  images = host_batch(model, batch, seed=1)
+  on_device = jax.device_put(images)
+
+  def jax_step(use):
+    state, recipe = make_state(model, 'float32')
+    with kernels.use_onednn(use):
+      compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
+    holder = [state]
+
+    def step():
+      holder[0], metrics = compiled(holder[0], on_device)   # the state is donated
+      jax.block_until_ready(metrics)
+    return step
+
+  def torch_step(memory_format):
+    torch.manual_seed(0)
+    net = BUILDERS[model](in_channels=images['image'].shape[-1]).to(memory_format=memory_format)
+    x = torch.from_numpy(images['image']).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    labels = torch.from_numpy(images['label']).long()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+      opt.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(net((x.float() - 127.5) / 64.0), labels)
+      loss.backward()
+      opt.step()
+      loss.item()
+    return step
+
+  steps_of = {'cnnjax float32, oneDNN convolutions': jax_step(True),
+              'cnnjax float32, XLA convolutions': jax_step(False),
+              'PyTorch eager (NCHW) float32': torch_step(torch.contiguous_format),
+              'PyTorch channels_last float32': torch_step(torch.channels_last)}
+  for step in steps_of.values():
+    step()                       # warm-up: compile, create the primitives
+  times = collections.defaultdict(list)
+  load = load_average()
+  for _ in range(steps):
+    for label, step in steps_of.items():
+      start = time.perf_counter()
+      step()
+      times[label].append(time.perf_counter() - start)
+  result = {label: round(batch / statistics.median(t), 1) for label, t in times.items()}
+  result['load_average'] = [load, load_average()]
+  result['backend'] = kernels.backend()
+  return result
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -215,6 +327,8 @@ def main(argv=None) -> None:
   if 'steps' in parts:
     result['steps'] = step_table(args.model, args.batch, args.repeat, args.steps, args.budget,
                                  args.only)
+  if 'interleaved' in parts:
+    result['interleaved'] = interleaved_steps(args.model, args.batch, args.steps)
   if 'kernels' in parts:
     result['kernels'] = kernels_used(args.model, args.batch)
   result['load_average_after'] = load_average()

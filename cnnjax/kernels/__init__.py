@@ -6,7 +6,7 @@ and with XLA's ``lax.conv_general_dilated`` otherwise: on other backends, platfo
 build, with AVX2 only unless ``CNNJAX_ONEDNN=1``, or when switched off with ``CNNJAX_ONEDNN=0`` or
 `use_onednn(False)`. `backend()` says which is active, why, and on which instruction set.
 
-* ``onednn_conv.cc``: the C++ FFI handlers (forward; backward: backward-data + backward-weights);
+* ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
 * ``loader.py``: loads and registers it on first use, and says once why it cannot;
 * ``conv.py`` / ``partition.py``: the custom-VJP JAX function and its batch partitioning.

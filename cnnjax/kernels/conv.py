@@ -1,14 +1,14 @@
 """`conv2d`: oneDNN's convolution as a JAX function, differentiable through a custom VJP.
 
-The two passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (forward: y from x
-and w; backward: dx and dw from x, w and dy, oneDNN's backward-data then backward-weights), so
-they run inside ``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
+The three passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (forward: y from
+x and w; backward-data: dx from w and dy; backward-weights: dw from x and dy), so they run inside
+``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
 bfloat16, float32 accumulation); the kernel may stay float32 when the activations are bfloat16:
 oneDNN converts it while reordering it, and returns its gradient in float32 directly. On CPUs
 where oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2) bfloat16 convolutions are
 computed in float32 and rounded to bfloat16.
 
-Both passes are wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a
+All passes are wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a
 batch sharded over devices every device runs the kernel on its own rows (the kernel gradient is
 summed over the batch axes); under ``jax.pmap`` each device calls it on its shard anyway.
 """
@@ -46,22 +46,30 @@ class ConvSpec:
 
 @functools.lru_cache(maxsize=None)
 def _pass(kind: str, spec: ConvSpec):
-  """'forward' (x, w) -> y or 'backward' (x, w, dy) -> (dx, dw), as a function of per-device
-  shards under a sharded jit."""
+  """'forward' (x, w) -> y, 'backward_data' (x, w, dy) -> dx or 'backward_weights'
+  (x, w, dy) -> dw, as a function of per-device shards under a sharded jit. Each is its own FFI
+  call, so XLA drops an input gradient nobody uses (the first convolution's); the library runs
+  one convolution at a time, so two calls XLA runs at once do not oversubscribe the cores."""
   def forward(x, w):
     oh, ow = spec.output_hw(x.shape[1:3], w.shape[:2])
     result = jax.ShapeDtypeStruct((x.shape[0], oh, ow, w.shape[3]), x.dtype)
     return jax.ffi.ffi_call(loader.TARGETS['forward'], result, vmap_method='sequential')(
         x, w, **spec.attrs())
 
-  def backward(x, w, dy):
-    results = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
-    return tuple(jax.ffi.ffi_call(loader.TARGETS['backward'], results, vmap_method='sequential')(
-        x, w, dy, **spec.attrs()))
+  def backward_data(x, w, dy):   # x for its shape (and the partitioning rule) only
+    return jax.ffi.ffi_call(loader.TARGETS['backward_data'],
+                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method='sequential')(
+        w, dy, **spec.attrs())
+
+  def backward_weights(x, w, dy):   # w for its shape and dtype only
+    return jax.ffi.ffi_call(loader.TARGETS['backward_weights'],
+                            jax.ShapeDtypeStruct(w.shape, w.dtype), vmap_method='sequential')(
+        x, dy, **spec.attrs())
+  fn = {'forward': forward, 'backward_data': backward_data,
+        'backward_weights': backward_weights}[kind]
   # custom_partitioning has no batching rule: under vmap (jacrev, per-example gradients) the
   # pass runs once per vmapped element.
-  return jax.custom_batching.sequential_vmap(
-      batch_partitioned(kind, forward if kind == 'forward' else backward))
+  return jax.custom_batching.sequential_vmap(batch_partitioned(kind, fn))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -75,7 +83,8 @@ def _conv_fwd(spec, x, w):
 
 def _conv_bwd(spec, residuals, dy):
   x, w = residuals
-  return _pass('backward', spec)(x, w, dy.astype(x.dtype))
+  dy = dy.astype(x.dtype)
+  return (_pass('backward_data', spec)(x, w, dy), _pass('backward_weights', spec)(x, w, dy))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

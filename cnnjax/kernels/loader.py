@@ -2,7 +2,7 @@
 
 Nothing happens at ``import cnnjax``: the first convolution traced on the CPU calls `library()`,
 which loads the installed libdnnl, then the library built at install time, and registers its
-two handlers (forward; backward: both gradients) as XLA FFI targets for the CPU platform. When that cannot work (switched off, another
+three handlers (forward, backward-data, backward-weights) as XLA FFI targets for the CPU platform. When that cannot work (switched off, another
 OS or architecture, a failed build, missing wheel) `library()` returns None, cnnjax keeps XLA's
 convolutions, and the reason is given once as a `KernelUnavailableWarning` (not when switched off).
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from cnnjax.kernels import build
 
-TARGETS = {'forward': 'cnnjax_conv_forward', 'backward': 'cnnjax_conv_backward'}
+TARGETS = {'forward': 'cnnjax_conv_forward', 'backward_data': 'cnnjax_conv_backward_data',
+           'backward_weights': 'cnnjax_conv_backward_weights'}
 PASSES = ('forward', 'backward_data', 'backward_weights')   # the library's Pass enum
 ENV_SWITCH = 'CNNJAX_ONEDNN'
 

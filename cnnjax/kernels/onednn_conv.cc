@@ -1,5 +1,5 @@
-// oneDNN 2-D convolutions as XLA FFI handlers: the forward pass, and the backward pass (input
-// and kernel gradients, backward-data then backward-weights).
+// oneDNN 2-D convolutions as XLA FFI handlers: forward, backward-data (the input gradient) and
+// backward-weights (the kernel gradient).
 //
 // Activations are NHWC, kernels HWIO ((kh, kw, in_channels / groups, out_channels)), as in
 // cnnjax.layers.Conv2d. The compute type is the activations' (float32 or bfloat16; oneDNN
@@ -10,7 +10,7 @@
 // to slower gemm kernels for bfloat16 forward and float32 backward-weights. Each call reorders
 // the HWIO kernel into that layout (or the blocked gradient back into HWIO). Primitives and
 // reorders are created once per shape, dtype and attribute set, and cached; the cache is
-// guarded by a mutex and primitives are executed concurrently (oneDNN allows that).
+// guarded by a mutex, and one convolution runs at a time (execute_mutex).
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -174,6 +174,11 @@ ffi::Error geometry(ffi::AnyBuffer::Dimensions in, ffi::AnyBuffer::Dimensions ke
   return ffi::Error::Success();
 }
 
+// One convolution at a time in the process: XLA runs independent ops (a block's 1x1 shortcut
+// beside its 3x3 convolution, one shard per device) on different threads at once, and each
+// calling thread would start its own OpenMP team over all the cores.
+std::mutex execute_mutex;
+
 thread_local std::unique_ptr<dnnl::stream> tls_stream;
 
 dnnl::stream& stream() {
@@ -186,6 +191,7 @@ ffi::Error run(const Geometry& g, Pass pass, void* src, void* kernel, void* dst)
   try {
     auto plan = plan_for(g, pass);
     stage = "executing";
+    std::lock_guard<std::mutex> one_at_a_time(execute_mutex);
     auto eng = cpu_engine();
     auto& s = stream();
     memory src_m(g.src(), eng, src), dst_m(g.dst(), eng, dst);
@@ -232,22 +238,31 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
   return run(g, Pass::kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
-// Both gradients in one call, one after the other: two separate calls could run at the same
-// time on XLA's threads, each with its own OpenMP team, and oversubscribe the cores.
-ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
-                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw_, int64_t sh,
-                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh,
-                    int64_t dw, int64_t groups) {
+// The gradients, each its own call: XLA drops one that nobody uses (the first layer's input
+// gradient).
+ffi::Error BackwardData(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                        int64_t dh, int64_t dw, int64_t groups) {
   Geometry g;
-  auto err = geometry(x.dimensions(), w.dimensions(), dy.dimensions(), x.element_type(),
+  auto err = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dx->element_type(),
                       w.element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
   if (!err.success()) return err;
-  if (dy.element_type() != x.element_type() || dx->element_type() != x.element_type() ||
-      dw_->element_type() != w.element_type())
+  if (dy.element_type() != dx->element_type())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cnnjax onednn conv: gradient dtypes must match x and w");
-  err = run(g, Pass::kBackwardData, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+                      "cnnjax onednn conv: dy and dx dtypes must match");
+  return run(g, Pass::kBackwardData, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw_,
+                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                           int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
+  Geometry g;
+  auto err = geometry(x.dimensions(), dw_->dimensions(), dy.dimensions(), x.element_type(),
+                      dw_->element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
   if (!err.success()) return err;
+  if (dy.element_type() != x.element_type())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "cnnjax onednn conv: x and dy dtypes must match");
   return run(g, Pass::kBackwardWeights, x.untyped_data(), dw_->untyped_data(),
              dy.untyped_data());
 }
@@ -257,7 +272,8 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
 // The library is built with -fvisibility=hidden: only these symbols are exported.
 #define CNNJAX_EXPORT extern "C" __attribute__((visibility("default")))
 CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_forward(XLA_FFI_CallFrame* call_frame);
-CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward(XLA_FFI_CallFrame* call_frame);
+CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_data(XLA_FFI_CallFrame* call_frame);
+CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_weights(XLA_FFI_CallFrame* call_frame);
 CNNJAX_EXPORT const char* cnnjax_conv_last_impl(int pass);
 CNNJAX_EXPORT int cnnjax_conv_bf16_native();
 
@@ -266,9 +282,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                    .Ret<ffi::AnyBuffer>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    cnnjax_conv_backward, Backward,
-    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                   .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+    cnnjax_conv_backward_data, BackwardData,
+    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                   .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    cnnjax_conv_backward_weights, BackwardWeights,
+    CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                   .Ret<ffi::AnyBuffer>()));
 
 // For cnnjax.kernels.backend(): the oneDNN implementation most recently chosen for each pass
 // (0 forward, 1 backward-data, 2 backward-weights), e.g. "brg_conv_fwd:avx512_core".

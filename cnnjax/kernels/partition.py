@@ -17,12 +17,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # batch sharding through and never asks for the spatial or channel axes to be split.
 _RULES = {
     'forward': 'n h w c, k l i o -> n p q o',
-    'backward': 'n h w c, k l i o, n p q o -> n h w c, k l i o',
+    'backward_data': 'n h w c, k l i o, n p q o -> n h w c',
+    'backward_weights': 'n h w c, k l i o, n p q o -> k l i o',
 }
-# Per pass: which operands are batched (the rest replicated); which results are batched
-# (True) or sums over the batch (False: psum over the batch's mesh axes).
-_OPERANDS = {'forward': (True, False), 'backward': (True, False, True)}
-_RESULTS = {'forward': True, 'backward': (True, False)}
+# Per pass: which operands are batched (the rest replicated); whether the result is batched
+# (True) or a sum over the batch (False: psum over the batch's mesh axes).
+_OPERANDS = {'forward': (True, False), 'backward_data': (True, False, True),
+             'backward_weights': (True, False, True)}
+_RESULT_BATCHED = {'forward': True, 'backward_data': True, 'backward_weights': False}
 
 
 def _batch_axes(sharding):
@@ -40,14 +42,13 @@ def _axis_names(batch) -> tuple:
 
 
 def batch_partitioned(kind: str, fn):
-  """`fn` (the 'forward' or 'backward' pass) partitioned over the batch axis under ``jax.jit``."""
-  results = _RESULTS[kind]
+  """`fn` (a pass of `_RULES`) partitioned over the batch axis under ``jax.jit``."""
+  batched = _RESULT_BATCHED[kind]
 
   def shardings(mesh, arg_shapes):
     batch = _batch_axes(arg_shapes[0].sharding)
     spec = lambda batched: NamedSharding(mesh, P(batch) if batched else P())
-    out = (spec(results) if isinstance(results, bool) else tuple(spec(r) for r in results))
-    return batch, tuple(spec(b) for b in _OPERANDS[kind]), out
+    return batch, tuple(spec(b) for b in _OPERANDS[kind]), spec(batched)
 
   def infer(mesh, arg_shapes, result_shape):
     return shardings(mesh, arg_shapes)[2]
@@ -58,9 +59,7 @@ def batch_partitioned(kind: str, fn):
 
     def lower(*operands):
       y = fn(*operands)
-      if isinstance(results, bool) or not names:
-        return y
-      return tuple(r if batched else jax.lax.psum(r, names) for r, batched in zip(y, results))
+      return y if batched or not names else jax.lax.psum(y, names)
     return mesh, lower, out, args
 
   wrapped = custom_partitioning(fn)
