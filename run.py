@@ -48,6 +48,7 @@ def main(argv=None) -> int:
       return 0
     config = config_lib.load_experiment(args.experiment, overrides)
     workdir = pathlib.Path(args.workdir or pathlib.Path('runs') / config.experiment)
+    config_lib.resolve_workdir(config, workdir)
     from cnnjax import runner
     if args.export:
       from cnnjax.export import run_export

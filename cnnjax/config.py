@@ -154,6 +154,15 @@ def load_experiment(name: str, overrides: Iterable[str] = ()) -> ml_collections.
   return config
 
 
+WORKDIR = '<workdir>'  # in data.name: the run's workdir (a recipe that writes its own data there)
+
+
+def resolve_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+  """Replaces `WORKDIR` in `data.name` by the run's workdir, for every mode of run.py (training,
+  --visualize, --export read the same data)."""
+  config.data.name = str(config.data.name).replace(WORKDIR, str(workdir))
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
   parsed = []
   for item in overrides:

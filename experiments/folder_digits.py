@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import pathlib
 
-from cnnjax.config import base_config
+from cnnjax.config import WORKDIR, base_config
 
-GENERATED = 'folder:<workdir>/digits'   # written by main() on first use
+GENERATED = f'folder:{WORKDIR}/digits'   # run.py puts the workdir in; main() writes it
 
 
 def get_config():
@@ -41,9 +41,11 @@ def get_config():
 
 def main(config, workdir) -> dict:
   """Writes the digit folder into the workdir when the config still points at it, then trains."""
+  from cnnjax import config as config_lib
   from cnnjax import runner
   from cnnjax.data import demo_folder
-  if config.data.name == GENERATED:
-    root = demo_folder.write_digits(pathlib.Path(workdir) / 'digits')
-    config.data.name = f'folder:{root}'
+  config_lib.resolve_workdir(config, workdir)  # as run.py did already
+  root = pathlib.Path(workdir) / 'digits'
+  if config.data.name == f'folder:{root}':
+    demo_folder.write_digits(root)
   return runner.run(config, workdir)

@@ -66,3 +66,14 @@ def test_only_cnnjax_errors_are_treated_as_user_errors(tmp_path):
       assert proc.stderr.strip() == 'error: an internal bug'
     else:
       assert 'Traceback' in proc.stderr and 'an internal bug' in proc.stderr
+
+
+def test_the_workdir_placeholder_in_a_data_name_is_the_runs_workdir(tmp_path):
+  """folder_digits writes its folder into the workdir; run.py resolves the name before any mode
+  (training, --visualize, --export), so all of them read the same folder."""
+  config = config_lib.load_experiment('folder_digits')
+  assert config.data.name == 'folder:<workdir>/digits'
+  config_lib.resolve_workdir(config, tmp_path / 'run')
+  assert config.data.name == f'folder:{tmp_path}/run/digits'
+  config_lib.resolve_workdir(config, tmp_path / 'elsewhere')  # a resolved (or the user's own) name stays
+  assert config.data.name == f'folder:{tmp_path}/run/digits'

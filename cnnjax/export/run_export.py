@@ -55,9 +55,6 @@ def load_best(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   variables, step_dir = checkpoint.load_variables(step_dir)
   float_config = ml_collections.ConfigDict(config.to_dict())
   float_config.model.dtype = 'float32'
-  # A recipe that writes its data into the workdir names it so (folder_digits:
-  # 'folder:<workdir>/digits'); the run read it from there.
-  float_config.data.name = str(config.data.name).replace('<workdir>', str(workdir))
   dataset = runner.load_data(float_config)
   model = runner.build_model(float_config, dataset)
   checkpoint.check_fits(variables, model, dataset.image_shape, step_dir, config.model.name)
