@@ -12,7 +12,7 @@ so that torchvision weights port by transposition alone:
 * BatchNorm uses eps=1e-5 and updates its running variance with the unbiased batch variance.
 
 On the CPU, `Conv2d` runs on oneDNN's convolutions (`cnnjax.kernels`: when its library is
-built and the CPU has AVX-512, or ``CNNJAX_ONEDNN=1``; ``=0`` turns it off), convolutions with
+built and the CPU has AVX2 or AVX-512, or ``CNNJAX_ONEDNN=1``; ``=0`` turns it off), convolutions with
 very few channels and tiling pools take the fast paths of `cnnjax.fast_paths` (same results,
 faster under XLA:CPU).
 

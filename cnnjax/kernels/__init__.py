@@ -1,10 +1,10 @@
 """CPU kernels called through ``jax.ffi``: oneDNN's convolutions (float32 and bfloat16).
 
 `cnnjax.layers.Conv2d` computes its convolutions with `conv2d` on the CPU when the library
-loads (see `cnnjax.kernels.loader`) and the CPU has AVX-512 (where oneDNN was measured faster),
-and with XLA's ``lax.conv_general_dilated`` otherwise: on other backends, platforms, after a failed
-build, with AVX2 only unless ``CNNJAX_ONEDNN=1``, or when switched off with ``CNNJAX_ONEDNN=0`` or
-`use_onednn(False)`. `backend()` says which is active, why, and on which instruction set.
+loads (see `cnnjax.kernels.loader`) and the CPU has AVX2 or AVX-512 (where oneDNN was measured
+faster), and with XLA's ``lax.conv_general_dilated`` otherwise: on other backends, platforms, after
+a failed build, on older instruction sets unless ``CNNJAX_ONEDNN=1``, or when switched off with
+``CNNJAX_ONEDNN=0`` or `use_onednn(False)`. `backend()` says which is active, why, and on which instruction set.
 
 * ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
@@ -24,9 +24,10 @@ from cnnjax.kernels.loader import ENV_SWITCH, KernelUnavailableWarning, library,
 _USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=None)   # None: automatic
 
 # Where oneDNN's convolutions are used without being asked for: the instruction sets on which they
-# were measured faster than XLA's (AVX-512 and newer; with AVX2 only, small_resnet's train step
-# was slower: benchmarks/README.md). CNNJAX_ONEDNN=1 or use_onednn(True) uses them anyway.
-_AUTOMATIC_ISAS = ('avx512_core',)
+# were measured faster than XLA's over whole train steps (AVX2: small_resnet and cifar_resnet18
+# 1.21-1.25x, benchmarks/README.md; AVX-512: the issue's probe, 3-8x per convolution). Older
+# ones (SSE4.1, AVX) were not measured; CNNJAX_ONEDNN=1 or use_onednn(True) uses them anyway.
+_AUTOMATIC_ISAS = ('avx2', 'avx512')
 
 
 @contextlib.contextmanager
@@ -48,8 +49,8 @@ def _choice(lib) -> tuple[bool, str | None]:
     return True, None
   if lib.isa.startswith(_AUTOMATIC_ISAS):
     return True, None
-  return False, (f'oneDNN is used by default only with AVX-512 (this CPU: {lib.isa}, where it '
-                 f'was measured slower than XLA); {ENV_SWITCH}=1 uses it')
+  return False, (f'oneDNN is used by default only with AVX2 or AVX-512 (this CPU: {lib.isa}); '
+                 f'{ENV_SWITCH}=1 uses it')
 
 
 def active() -> bool:

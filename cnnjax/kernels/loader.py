@@ -7,7 +7,7 @@ OS or architecture, a failed build, missing wheel) `library()` returns None, cnn
 convolutions, and the reason is given once as a `KernelUnavailableWarning` (not when switched off).
 
 Switch: ``CNNJAX_ONEDNN=0`` in the environment (read at that first use) never loads it;
-``CNNJAX_ONEDNN=1`` uses it on any instruction set (by default only with AVX-512:
+``CNNJAX_ONEDNN=1`` uses it on any instruction set (by default only with AVX2 or AVX-512:
 `cnnjax.kernels.active`); `cnnjax.kernels.use_onednn(False | True)` around tracing.
 """
 from __future__ import annotations
