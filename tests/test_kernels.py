@@ -222,6 +222,23 @@ def test_a_missing_library_falls_back_to_xla_and_says_why_once(lib, net, monkeyp
     assert kernels.active()
 
 
+def test_an_out_of_date_library_falls_back_to_xla_and_says_to_rebuild(lib, monkeypatch):
+  """A library built from an older onednn_conv.cc lacks a handler: one reason, not a traceback
+  (libdnnl itself stands in for it: it loads and has none of cnnjax's symbols)."""
+  monkeypatch.setattr(build, 'default_library_path', build.onednn_library)
+  loader.forget()
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      assert not kernels.active()
+    messages = [str(w.message) for w in caught if w.category is kernels.KernelUnavailableWarning]
+    assert len(messages) == 1 and 'is out of date' in messages[0], messages
+    assert messages[0].endswith('rebuild it with `python -m cnnjax.kernels.build`.'), messages
+  finally:
+    monkeypatch.undo()
+    loader.forget()
+
+
 _CHILD = textwrap.dedent('''
     import json, os, sys
     import jax, jax.numpy as jnp, numpy as np

@@ -104,6 +104,9 @@ def _find() -> tuple[Library | None, str | None]:
     return None, str(e)
   except OSError as e:
     return None, f'loading it failed: {e}'
+  except AttributeError as e:  # built from an older onednn_conv.cc: a handler is missing
+    return None, (f'the library {path} is out of date ({e}): rebuild it with '
+                  '`python -m cnnjax.kernels.build`')
 
 
 def library(warn: bool = True) -> Library | None:
