@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from typing import Iterator
 
 from cnnjax.kernels import loader
@@ -45,7 +44,7 @@ def _choice(lib) -> tuple[bool, str | None]:
   asked = _USE_ONEDNN.get()
   if asked is not None:
     return asked, None if asked else 'switched off by use_onednn(False)'
-  if os.environ.get(ENV_SWITCH, '').strip().lower() in ('1', 'true', 'on', 'yes'):
+  if loader.env_switch():
     return True, None
   if lib.isa.startswith(_AUTOMATIC_ISAS):
     return True, None

@@ -64,8 +64,16 @@ _lock = threading.Lock()
 _state: dict = {}   # 'library': Library | None, 'reason': str | None; filled once
 
 
+def env_switch() -> bool | None:
+  """What ``CNNJAX_ONEDNN`` asks for: True (1/true/on/yes), False (0/false/off/no), or None
+  (unset or anything else: automatic)."""
+  value = os.environ.get(ENV_SWITCH, '').strip().lower()
+  return True if value in ('1', 'true', 'on', 'yes') else (
+      False if value in ('0', 'false', 'off', 'no') else None)
+
+
 def switched_off() -> bool:
-  return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'off', 'no')
+  return env_switch() is False
 
 
 def _load(library_path: str) -> Library:
