@@ -7,14 +7,15 @@
 
 Parts (``--parts``, comma-separated):
 * ``convs``: per convolution of small_resnet at batch 128 (NHWC, float32) and per pass (forward,
-  backward-data, backward-weights): XLA (cnnjax's XLA:CPU flags), cnnjax's oneDNN FFI handlers
-  called directly, and PyTorch's channels_last convolution (oneDNN too), each jitted / called
-  alone, in one process; ``--repeat`` alternates them and keeps each one's best.
+  backward-data, backward-weights): XLA (cnnjax's XLA:CPU flags), cnnjax's FFI handlers called
+  directly (oneDNN's direct convolution, and Winograd F(4x4, 3x3) where it fits), and PyTorch's
+  channels_last convolution (oneDNN too), each jitted / called alone, in one process; ``--repeat`` alternates them and keeps each one's best.
 * ``steps``: small_resnet's train step (benchmarks/jax_worker.py, batch 128) with the kernels
   (``CNNJAX_ONEDNN=1``) and without (``CNNJAX_ONEDNN=0``), float32 and bfloat16, beside PyTorch
   eager and channels_last float32 (benchmarks/torch_worker.py) and channels_last + ``torch.autocast('cpu',
   torch.bfloat16)`` (here), each a fresh process, alternated ``--repeat`` times (medians).
-* ``interleaved``: the float32 train steps of ``steps`` again, but in this one process,
+* ``interleaved``: the float32 train steps of ``steps`` again (and cnnjax with oneDNN's direct
+  convolutions only, ``use_winograd(False)``), but in this one process,
   alternated step by step (``--steps`` rounds): the fair comparison on a machine whose load
   changes between processes.
 * ``kernels``: which oneDNN implementations ran in one bfloat16 and one float32 train step
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -115,13 +117,16 @@ def conv_table(batch: int, repeat: int, smoke: bool) -> list[dict]:
 
   rows = []
   for name, hw, cin, cout, k, s, p in (CONVS[1:2] if smoke else CONVS):
-    spec = ConvSpec((s, s), ((p, p), (p, p)), (1, 1), 1)
+    spec = ConvSpec((s, s), ((p, p), (p, p)), (1, 1), 1, winograd=False)
+    winograd = k == 3 and s == 1 and min(cin, cout) >= 16   # where the library takes Winograd
     oh = spec.output_hw((hw, hw), (k, k))[0]
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (batch, hw, hw, cin))
     w = jax.random.normal(keys[1], (k, k, cin, cout)) / (k * k * cin) ** 0.5
     dy = jax.random.normal(keys[2], (batch, oh, oh, cout))
     fns = {'xla': _xla_passes(spec), 'onednn': _onednn_passes(spec)}
+    if winograd:
+      fns['winograd'] = _onednn_passes(dataclasses.replace(spec, winograd=True))
     calls = {(b, kind): (lambda f=f: jax.block_until_ready(f(x, w, dy)))
              for b, passes in fns.items() for kind, f in passes.items()}
     calls.update({('torch', kind): f for kind, f in _torch_passes(spec, x, w, dy).items()})
@@ -137,7 +142,9 @@ def conv_table(batch: int, repeat: int, smoke: bool) -> list[dict]:
     flops = 2 * batch * oh * oh * cout * cin * k * k
     for kind in PASSES:
       row = {'conv': name, 'pass': kind, 'load': load}
-      for b in ('xla', 'onednn', 'torch'):
+      for b in ('xla', 'onednn', 'winograd', 'torch'):
+        if (b, kind) not in best:
+          continue
         row[f'{b}_ms'] = round(1e3 * best[b, kind], 1)
         row[f'{b}_gflops'] = round(flops / best[b, kind] / 1e9, 1)
       rows.append(row)
@@ -219,9 +226,9 @@ def interleaved_steps(model: str, batch: int, steps: int) -> dict:
   images = host_batch(model, batch, seed=1)
   on_device = jax.device_put(images)
 
-  def jax_step(use):
+  def jax_step(use, winograd=True):
     state, recipe = make_state(model, 'float32')
-    with kernels.use_onednn(use):
+    with kernels.use_onednn(use), kernels.use_winograd(winograd):
       compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
     holder = [state]
 
@@ -245,7 +252,8 @@ def interleaved_steps(model: str, batch: int, steps: int) -> dict:
       loss.item()
     return step
 
-  steps_of = {'cnnjax float32, oneDNN convolutions': jax_step(True),
+  steps_of = {'cnnjax float32, oneDNN + Winograd convolutions': jax_step(True),
+              'cnnjax float32, oneDNN direct convolutions': jax_step(True, winograd=False),
               'cnnjax float32, XLA convolutions': jax_step(False),
               'PyTorch eager (NCHW) float32': torch_step(torch.contiguous_format),
               'PyTorch channels_last float32': torch_step(torch.channels_last)}

@@ -31,7 +31,12 @@ CASES = [
     (2, 11, 11, 4, 8, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2), 4),  # dilated, grouped
     (2, 8, 8, 16, 16, (3, 3), (3, 3), ((0, 2), (1, 0)), (1, 1), 1),  # stride 3, uncovered rows
     (1, 13, 13, 3, 16, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # a ResNet stem
+    # Winograd F(4x4, 3x3): sizes that leave partial tiles, every padding 0-2, channels 16-40
+    (2, 9, 10, 16, 24, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    (1, 7, 13, 32, 16, (3, 3), (1, 1), ((0, 2), (2, 0)), (1, 1), 1),
+    (3, 6, 6, 40, 16, (3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
 ]
+WINOGRAD_CASES = range(len(CASES) - 3, len(CASES))
 
 
 @pytest.fixture(scope='module')
@@ -185,6 +190,24 @@ def test_the_same_step_twice_is_bit_identical(lib, net):
   (_, a), _ = _net_grads(x, variables, True)
   (_, b), _ = _net_grads(x * 1.0, variables, True)
   assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_winograd_runs_where_it_fits_deterministically_and_can_be_switched_off(lib):
+  case = CASES[WINOGRAD_CASES[0]]
+  x, kernel = _operands(case, 0)
+
+  def passes():  # a new function each time: traced (and the switch read) anew
+    return jax.jit(lambda a, b: _value_and_grads(_onednn, a, b, case, jnp.ones_like(_xla(a, b, case))))(
+        x, kernel)
+  winograd = passes()
+  assert [lib.last_impl(kind) for kind in loader.PASSES] == ['winograd_f4x4_3x3+dnnl_sgemm'] * 3
+  again = passes()
+  assert all(np.array_equal(a, b) for a, b in zip(winograd, again))
+  with kernels.use_winograd(False):
+    direct = passes()
+  assert not any(lib.last_impl(kind).startswith('winograd') for kind in loader.PASSES)
+  for a, b in zip(winograd, direct):
+    assert 0 < _relative(a, b) <= 1e-5   # different arithmetic, the same convolution
 
 
 def test_backend_says_which_convolutions_run(lib):

@@ -7,6 +7,8 @@ a failed build, on older instruction sets unless ``CNNJAX_ONEDNN=1``, or when sw
 ``CNNJAX_ONEDNN=0`` or `use_onednn(False)`. `backend()` says which is active, why, and on which instruction set.
 
 * ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
+* ``winograd.h``: Winograd F(4x4, 3x3) for float32 3x3 stride-1 convolutions (all three passes),
+  which the handlers use where it fits unless ``use_winograd(False)``;
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
 * ``loader.py``: loads and registers it on first use, and says once why it cannot;
 * ``conv.py`` / ``partition.py``: the custom-VJP JAX function and its batch partitioning.
@@ -84,6 +86,13 @@ def backend() -> dict:
   return info
 
 
+def use_winograd(enabled: bool):
+  """``with use_winograd(False):`` keeps the convolutions traced inside on oneDNN's direct
+  kernels instead of Winograd F(4x4, 3x3) (`cnnjax.kernels.conv.use_winograd`)."""
+  from cnnjax.kernels.conv import use_winograd as impl
+  return impl(enabled)
+
+
 def conv2d(*args, **kwargs):
   """oneDNN's convolution (`cnnjax.kernels.conv.conv2d`); call it only when `active()`."""
   from cnnjax.kernels.conv import conv2d as impl
@@ -97,4 +106,4 @@ def supports(*args, **kwargs) -> bool:
 
 
 __all__ = ['ENV_SWITCH', 'KernelUnavailableWarning', 'active', 'backend', 'conv2d', 'supports',
-           'use_onednn']
+           'use_onednn', 'use_winograd']

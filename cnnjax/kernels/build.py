@@ -97,7 +97,7 @@ def build(library_path: str | None = None, verbose: bool = False) -> str:
   dnnl = onednn_library()
   os.makedirs(os.path.dirname(os.path.abspath(library_path)), exist_ok=True)
   tmp = f'{library_path}.{os.getpid()}.tmp'
-  cmd = [cxx, '-O3', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden',
+  cmd = [cxx, '-O3', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-fopenmp',
          *(f'-I{d}' for d in includes), SOURCE, '-o', tmp, dnnl]
   if verbose:
     print(' '.join(cmd), file=sys.stderr)

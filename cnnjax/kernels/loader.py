@@ -24,6 +24,7 @@ TARGETS = {'forward': 'cnnjax_conv_forward', 'backward_data': 'cnnjax_conv_backw
            'backward_weights': 'cnnjax_conv_backward_weights'}
 PASSES = ('forward', 'backward_data', 'backward_weights')   # the library's Pass enum
 ENV_SWITCH = 'CNNJAX_ONEDNN'
+ABI = 2   # the handlers' operands and attributes, as cnnjax_conv_abi() in onednn_conv.cc says
 
 # oneDNN's dnnl_cpu_isa_t values (dnnl_types.h) -> names.
 _ISA_NAMES = {0x0: 'default', 0x1: 'sse41', 0x3: 'avx', 0x7: 'avx2', 0xf: 'avx2_vnni',
@@ -82,6 +83,9 @@ def _load(library_path: str) -> Library:
 
   dnnl = ctypes.CDLL(build.onednn_library(), mode=ctypes.RTLD_GLOBAL)
   handle = ctypes.CDLL(library_path)
+  abi = handle.cnnjax_conv_abi()   # AttributeError when built before there was one
+  if abi != ABI:
+    raise AttributeError(f'its handlers take calling convention {abi}, cnnjax passes {ABI}')
   for name in TARGETS.values():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform='cpu')
   dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
@@ -112,7 +116,7 @@ def _find() -> tuple[Library | None, str | None]:
     return None, str(e)
   except OSError as e:
     return None, f'loading it failed: {e}'
-  except AttributeError as e:  # built from an older onednn_conv.cc: a handler is missing
+  except AttributeError as e:  # built from an older onednn_conv.cc: a handler or ABI mismatch
     return None, (f'the library {path} is out of date ({e}): rebuild it with '
                   '`python -m cnnjax.kernels.build`')
 

@@ -11,6 +11,9 @@
 // the HWIO kernel into that layout (or the blocked gradient back into HWIO). Primitives and
 // reorders are created once per shape, dtype and attribute set, and cached; the cache is
 // guarded by a mutex, and one convolution runs at a time (execute_mutex).
+//
+// Float32 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) instead (winograd.h, with
+// oneDNN's sgemm for the products) unless the caller's "winograd" attribute is 0.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -21,6 +24,7 @@
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "winograd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,6 +51,15 @@ struct Geometry {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw;
   int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
   memory::data_type act, wei;  // compute type (activations), user kernel / kernel-gradient type
+  bool winograd_allowed = false;  // the caller's switch; `winograd()` says whether it applies
+
+  // Whether this convolution runs as Winograd F(4x4, 3x3) (winograd.h) instead of oneDNN's
+  // direct convolution: float32 3x3 stride-1 convolutions (oneDNN 3.2 has Winograd only on
+  // AVX-512).
+  bool winograd() const {
+    return winograd_allowed && act == memory::data_type::f32 && wei == memory::data_type::f32 &&
+           winograd::fits(kh, kw, sh, sw, dh, dw, groups, pt, pb, pl, pr, ic, oc);
+  }
 
   std::string key(Pass pass) const {
     std::string k = std::to_string(static_cast<int>(pass));
@@ -186,7 +199,32 @@ dnnl::stream& stream() {
   return *tls_stream;
 }
 
+// The Winograd passes (g.winograd()): forward, backward-data as the forward convolution of dy
+// with the flipped kernel (padded by 2 - padding), backward-weights.
+bool run_winograd(const Geometry& g, Pass pass, void* src, void* kernel, void* dst) {
+  std::lock_guard<std::mutex> one_at_a_time(execute_mutex);
+  const auto* x = static_cast<float*>(src);
+  auto* k = static_cast<float*>(kernel);
+  auto* y = static_cast<float*>(dst);
+  if (pass == Pass::kForward)
+    return winograd::convolve(x, g.n, g.ih, g.iw, g.ic, k, false, g.pt, g.pl, g.oh, g.ow, g.oc,
+                              y);
+  if (pass == Pass::kBackwardData)
+    return winograd::convolve(y, g.n, g.oh, g.ow, g.oc, k, true, 2 - g.pt, 2 - g.pl, g.ih, g.iw,
+                              g.ic, static_cast<float*>(src));
+  return winograd::kernel_gradient(x, g.n, g.ih, g.iw, g.ic, y, g.pt, g.pl, g.oh, g.ow, g.oc, k);
+}
+
 ffi::Error run(const Geometry& g, Pass pass, void* src, void* kernel, void* dst) {
+  if (g.winograd()) {
+    {
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      last_impl[static_cast<int>(pass)] = winograd::kImpl;
+    }
+    if (run_winograd(g, pass, src, kernel, dst)) return ffi::Error::Success();
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "cnnjax winograd conv: oneDNN's sgemm failed " + g.key(pass));
+  }
   const char* stage = "creating the primitive";
   try {
     auto plan = plan_for(g, pass);
@@ -226,14 +264,16 @@ ffi::Error run(const Geometry& g, Pass pass, void* src, void* kernel, void* dst)
 #define CONV_ATTRS(b)                                                                   \
   b.Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")         \
       .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")  \
-      .Attr<int64_t>("dilation_h").Attr<int64_t>("dilation_w").Attr<int64_t>("groups")
+      .Attr<int64_t>("dilation_h").Attr<int64_t>("dilation_w").Attr<int64_t>("groups")    \
+      .Attr<int64_t>("winograd")
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                    int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                   int64_t dh, int64_t dw, int64_t groups) {
+                   int64_t dh, int64_t dw, int64_t groups, int64_t winograd) {
   Geometry g;
   auto err = geometry(x.dimensions(), w.dimensions(), y->dimensions(), x.element_type(),
                       w.element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
+  g.winograd_allowed = winograd != 0;
   if (!err.success()) return err;
   return run(g, Pass::kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
@@ -242,10 +282,11 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
 // gradient).
 ffi::Error BackwardData(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                        int64_t dh, int64_t dw, int64_t groups) {
+                        int64_t dh, int64_t dw, int64_t groups, int64_t winograd) {
   Geometry g;
   auto err = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dx->element_type(),
                       w.element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
+  g.winograd_allowed = winograd != 0;
   if (!err.success()) return err;
   if (dy.element_type() != dx->element_type())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -255,10 +296,12 @@ ffi::Error BackwardData(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::An
 
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw_,
                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                           int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
+                           int64_t pr, int64_t dh, int64_t dw, int64_t groups,
+                           int64_t winograd) {
   Geometry g;
   auto err = geometry(x.dimensions(), dw_->dimensions(), dy.dimensions(), x.element_type(),
                       dw_->element_type(), sh, sw, pt, pb, pl, pr, dh, dw, groups, &g);
+  g.winograd_allowed = winograd != 0;
   if (!err.success()) return err;
   if (dy.element_type() != x.element_type())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -276,6 +319,7 @@ CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_data(XLA_FFI_CallFrame* call_f
 CNNJAX_EXPORT XLA_FFI_Error* cnnjax_conv_backward_weights(XLA_FFI_CallFrame* call_frame);
 CNNJAX_EXPORT const char* cnnjax_conv_last_impl(int pass);
 CNNJAX_EXPORT int cnnjax_conv_bf16_native();
+CNNJAX_EXPORT int cnnjax_conv_abi();
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     cnnjax_conv_forward, Forward,
@@ -289,6 +333,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     cnnjax_conv_backward_weights, BackwardWeights,
     CONV_ATTRS(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                    .Ret<ffi::AnyBuffer>()));
+
+// The handlers' calling convention (operands and attributes): cnnjax.kernels.loader refuses a
+// library built for another one ("out of date: rebuild it"). 2: the "winograd" attribute.
+int cnnjax_conv_abi() { return 2; }
 
 // For cnnjax.kernels.backend(): the oneDNN implementation most recently chosen for each pass
 // (0 forward, 1 backward-data, 2 backward-weights), e.g. "brg_conv_fwd:avx512_core".
