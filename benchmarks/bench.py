@@ -7,7 +7,10 @@ For each model it runs, each in a fresh process: cnnjax's train step compiled co
 persistent cache), then again with that cache warm plus the throughput, eval and memory
 measurements (benchmarks/jax_worker.py); PyTorch eager and channels_last (benchmarks/torch_worker.py,
 skipped when torch is not installed); optionally JAX with XLA's default flags (``--xla-defaults``).
-Then the dense-vs-conv profile (benchmarks/dense_vs_conv.py). It prints Markdown tables and
+Then, per model, the train steps alternated step by step in one process (``onednn_conv.py``'s
+interleaved part: cnnjax float32 and bfloat16 against PyTorch's fastest configuration of the
+same precision, the ratio the speed targets are judged on; ``--no-interleaved`` skips it), and the
+dense-vs-conv profile (benchmarks/dense_vs_conv.py). It prints Markdown tables and
 writes everything as JSON. ``--repeat N`` alternates the throughput runs N times and keeps the
 median, which matters on a busy machine.
 """
@@ -179,6 +182,10 @@ def parse_args(argv=None):
                  help="also run JAX with XLA's default flags (CNNJAX_CPU_FLAGS=0)")
   p.add_argument('--no-torch', action='store_true', help='skip PyTorch')
   p.add_argument('--no-dense-vs-conv', action='store_true')
+  p.add_argument('--no-interleaved', action='store_true',
+                 help='skip the train steps alternated in one process')
+  p.add_argument('--interleaved-steps', type=int, default=5,
+                 help='rounds of the alternated train steps (medians are reported)')
   p.add_argument('--smoke', action='store_true',
                  help='tiny and fast: lenet5, batch 8, 2 steps, with --xla-defaults (checks the benchmark runs)')
   p.add_argument('--json', default=None,
@@ -212,6 +219,15 @@ def main(argv=None) -> int:
   for name in a.models:
     print(f'[bench] {name} ...', file=sys.stderr, flush=True)
     results['models'][name] = bench_model(name, a, torch_ok)
+  if torch_ok and not a.no_interleaved:
+    results['interleaved'] = {}
+    for name in a.models:
+      print(f'[bench] {name}, train steps alternated in one process ...', file=sys.stderr,
+            flush=True)
+      results['interleaved'][name] = run_worker(
+          'onednn_conv.py', ['--interleaved-worker', '--model', name, '--batch', str(a.batch),
+                             '--steps', str(1 if a.smoke else a.interleaved_steps),
+                             '--precisions', 'float32,bfloat16'], worker_env(), a.timeout)
   if not a.no_dense_vs_conv:
     print('[bench] dense vs conv ...', file=sys.stderr, flush=True)
     dvc_args = (['--batch', '2', '--steps', '1', '--warmup', '0'] if a.smoke else [])

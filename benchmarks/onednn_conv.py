@@ -210,10 +210,13 @@ def step_table(model: str, batch: int, repeat: int, steps: int, budget: float,
           for k, v in rates.items()}
 
 
-def interleaved_steps(model: str, batch: int, steps: int) -> dict:
-  """float32 train steps in this one process, alternated step by step so load hits all alike:
-  cnnjax with oneDNN convolutions and with XLA's (one compiled step each), and PyTorch eager and
-  channels_last (torch_worker.py's model and loop). images/s of the median step."""
+def interleaved_steps(model: str, batch: int, steps: int,
+                      precisions: tuple[str, ...] = ('float32',)) -> dict:
+  """Train steps in this one process, alternated so load hits all alike, images/s of the median
+  step. float32: cnnjax with oneDNN + Winograd convolutions (the default), with
+  oneDNN's direct convolutions only and with XLA's, PyTorch eager and channels_last; bfloat16:
+  cnnjax with ``model.dtype=bfloat16`` and PyTorch channels_last + ``torch.autocast('cpu',
+  torch.bfloat16)`` (torch_worker.py's model and loop)."""
   import cnnjax
   cnnjax.configure_cpu()
   import jax
@@ -226,8 +229,8 @@ def interleaved_steps(model: str, batch: int, steps: int) -> dict:
   images = host_batch(model, batch, seed=1)
   on_device = jax.device_put(images)
 
-  def jax_step(use, winograd=True):
-    state, recipe = make_state(model, 'float32')
+  def jax_step(dtype, use=True, winograd=True):
+    state, recipe = make_state(model, dtype)
     with kernels.use_onednn(use), kernels.use_winograd(winograd):
       compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
     holder = [state]
@@ -237,7 +240,7 @@ def interleaved_steps(model: str, batch: int, steps: int) -> dict:
       jax.block_until_ready(metrics)
     return step
 
-  def torch_step(memory_format):
+  def torch_step(memory_format, autocast=False):
     torch.manual_seed(0)
     net = BUILDERS[model](in_channels=images['image'].shape[-1]).to(memory_format=memory_format)
     x = torch.from_numpy(images['image']).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
@@ -246,30 +249,72 @@ def interleaved_steps(model: str, batch: int, steps: int) -> dict:
 
     def step():
       opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(net((x.float() - 127.5) / 64.0), labels)
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(net((x.float() - 127.5) / 64.0), labels)
       loss.backward()
       opt.step()
       loss.item()
     return step
 
-  steps_of = {'cnnjax float32, oneDNN + Winograd convolutions': jax_step(True),
-              'cnnjax float32, oneDNN direct convolutions': jax_step(True, winograd=False),
-              'cnnjax float32, XLA convolutions': jax_step(False),
-              'PyTorch eager (NCHW) float32': torch_step(torch.contiguous_format),
-              'PyTorch channels_last float32': torch_step(torch.channels_last)}
-  for step in steps_of.values():
+  steps_of = {}
+  if 'float32' in precisions:
+    steps_of.update({
+        'cnnjax float32, oneDNN + Winograd convolutions': jax_step('float32'),
+        'cnnjax float32, oneDNN direct convolutions': jax_step('float32', winograd=False),
+        'cnnjax float32, XLA convolutions': jax_step('float32', use=False),
+        'PyTorch eager (NCHW) float32': torch_step(torch.contiguous_format),
+        'PyTorch channels_last float32': torch_step(torch.channels_last)})
+  if 'bfloat16' in precisions:
+    steps_of.update({
+        'cnnjax bfloat16, oneDNN + Winograd convolutions': jax_step('bfloat16'),
+        'PyTorch channels_last + autocast bfloat16': torch_step(torch.channels_last, True)})
+  # Each round times every configuration for about half a second: one step of a ResNet, a block
+  # of steps (at most 50) of a small net, after one untimed step that lets the previous configuration's
+  # threads (XLA's, oneDNN's and PyTorch's OpenMP pools) go quiet; alternated step by step, a
+  # small net's steps ran 2-20x slower than alone.
+  block = {}
+  for label, step in steps_of.items():
     step()                       # warm-up: compile, create the primitives
+    start = time.perf_counter()
+    step()
+    block[label] = max(1, min(50, round(0.5 / (time.perf_counter() - start))))
   times = collections.defaultdict(list)
   load = load_average()
   for _ in range(steps):
     for label, step in steps_of.items():
-      start = time.perf_counter()
-      step()
-      times[label].append(time.perf_counter() - start)
+      if block[label] > 1:
+        step()
+      for _ in range(block[label]):
+        start = time.perf_counter()
+        step()
+        times[label].append(time.perf_counter() - start)
   result = {label: round(batch / statistics.median(t), 1) for label, t in times.items()}
   result['load_average'] = [load, load_average()]
   result['backend'] = kernels.backend()
   return result
+
+
+def train_gflop_per_image(model: str) -> float:
+  """A train step's arithmetic per image as the field counts it: 6 x the forward MACs (forward,
+  input gradient, weight gradient; 2 FLOPs per MAC), from cnnjax.summary."""
+  import cnnjax
+  from common import MODELS, NUM_CLASSES
+  h, w, c = MODELS[model]
+  net = cnnjax.get_model(model, num_classes=NUM_CLASSES, in_channels=c)
+  return 6 * cnnjax.summary(net, (h, w, c), print_fn=None).total_macs / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
+  """What these cores reach on float32 arithmetic: PyTorch's best square matmul (its BLAS), in
+  GFLOP/s, best of `repeat`."""
+  import torch
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  best = float('inf')
+  for _ in range(repeat + 1):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    best = min(best, time.perf_counter() - start)
+  return round(2 * n ** 3 / best / 1e9, 1)
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -320,10 +365,20 @@ def main(argv=None) -> None:
                  help='steps: only the configurations whose label has one of these words (a,b)')
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--json', default=None, help='also write the results to this file')
+  p.add_argument('--precisions', default='float32',
+                 help='interleaved: float32 and/or bfloat16 (comma-separated)')
   p.add_argument('--torch-autocast-worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--interleaved-worker', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.torch_autocast_worker:
     emit(torch_autocast_worker(args.model, args.batch, args.steps, args.budget))
+    return
+  if args.interleaved_worker:   # for bench.py: one model's interleaved steps and its FLOPs
+    result = interleaved_steps(args.model, args.batch, args.steps,
+                               tuple(args.precisions.split(',')))
+    result['train_gflop_per_image'] = train_gflop_per_image(args.model)
+    result['matmul_peak_gflops'] = matmul_peak_gflops()
+    emit(result)
     return
   if args.smoke:
     args.batch, args.repeat, args.steps, args.budget = 8, 1, 3, 2.0
@@ -336,7 +391,8 @@ def main(argv=None) -> None:
     result['steps'] = step_table(args.model, args.batch, args.repeat, args.steps, args.budget,
                                  args.only)
   if 'interleaved' in parts:
-    result['interleaved'] = interleaved_steps(args.model, args.batch, args.steps)
+    result['interleaved'] = interleaved_steps(args.model, args.batch, args.steps,
+                                              tuple(args.precisions.split(',')))
   if 'kernels' in parts:
     result['kernels'] = kernels_used(args.model, args.batch)
   result['load_average_after'] = load_average()
