@@ -3,19 +3,55 @@
 The suite opts in to cnnjax's CPU configuration as run.py does (XLA:CPU flags, the compilation
 cache); the processes tests start inherit XLA_FLAGS, and get the same cache through JAX's
 environment variables.
+
+Programs that `jax.jit` partitions over several devices call the oneDNN convolutions through
+`custom_partitioning`, whose Python callback's address is part of JAX's cache key, so no other
+process ever found them in the persistent cache: every 8-device child compiled them again.
+The suite drops that address from the key (JAX's `jax_remove_custom_partitioning_ptr_from_
+cache_key`, inherited by the children) and, because the partitioning rules are then no longer in
+the key, keeps its cache in a subdirectory named by a hash of cnnjax/kernels/*.py: editing the
+kernels starts a fresh cache instead of reusing partitioned programs of the old rules.
 """
+import hashlib
 import os
+import pathlib
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY', 'true')
 
 from cnnjax import runtime  # noqa: E402
 
+
+def _kernels_cache_dir(cache_dir: str) -> str:
+  kernels = pathlib.Path(runtime.__file__).resolve().parent / 'kernels'
+  digest = hashlib.sha256(b''.join(p.read_bytes() for p in sorted(kernels.glob('*.py'))))
+  return os.path.join(cache_dir, f'kernels-{digest.hexdigest()[:12]}')
+
+
+if runtime.default_cache_dir():  # '' (CNNJAX_CACHE_DIR=''): the cache stays off
+  os.environ.setdefault('CNNJAX_CACHE_DIR', _kernels_cache_dir(runtime.default_cache_dir()))
 if runtime.configure_cpu()['cache_dir']:
   import jax
   for _name in ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
                 'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size'):
     os.environ.setdefault(_name.upper(), str(getattr(jax.config, _name)))
+
+
+# The files that take longest (end-to-end runs in child processes), longest first. The workers
+# take files in collection order (pyproject: --no-loadscope-reorder, which would otherwise start
+# with the files of most tests), so these start first and the short files fill in around them;
+# a long file left for last would run alone on one core at the end. Only the order changes.
+LONGEST_FIRST = ('test_experiments.py', 'test_stream_resume.py', 'test_streaming.py',
+                 'test_torchvision_parity.py', 'test_disk_full.py', 'test_multihost.py',
+                 'test_export.py', 'test_zoo.py', 'test_checkpoint.py', 'test_notebook.py',
+                 'test_run.py', 'test_benchmark_smoke.py')
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 def pytest_xdist_auto_num_workers(config):

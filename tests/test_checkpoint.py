@@ -191,12 +191,9 @@ def test_async_save_survives_donation_of_the_state(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Real training runs in subprocesses: SIGKILL / SIGTERM / resume, and 8 <-> 1 devices.
 
+# The runs use the suite's compilation cache (tests/conftest.py puts it in the environment).
 _RUN = """
 import json, sys
-import jax
-jax.config.update('jax_compilation_cache_dir', sys.argv[3])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 from cnnjax import config as config_lib, runner
 config = config_lib.base_config()
 config.model.kwargs.widths = (4, 8, 8)
@@ -220,9 +217,9 @@ def _env(devices=1):
   return env
 
 
-def _start(workdir, cache):
-  return subprocess.Popen([sys.executable, '-c', _RUN, str(workdir), json.dumps(OVERRIDES),
-                           str(cache)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+def _start(workdir):
+  return subprocess.Popen([sys.executable, '-c', _RUN, str(workdir), json.dumps(OVERRIDES)],
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -255,16 +252,15 @@ def _final_variables(workdir):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_and_clean_exit_on_sigterm(tmp_path):
-  cache = tmp_path / 'jax_cache'
   reference = tmp_path / 'uninterrupted'
-  _finish(_start(reference, cache))
+  _finish(_start(reference))
   expected = _final_variables(reference)
 
   seed = random.randrange(1 << 30)
   rng = random.Random(seed)
   kill_at, delay = rng.randrange(EVERY, 18, EVERY), rng.uniform(0, 0.5)  # mid-step or mid-save
   workdir = tmp_path / 'interrupted'
-  code, out = _interrupt_after_checkpoint(_start(workdir, cache), workdir, kill_at, signal.SIGKILL,
+  code, out = _interrupt_after_checkpoint(_start(workdir), workdir, kill_at, signal.SIGKILL,
                                           delay)
   assert code == -signal.SIGKILL, f'the run ended before it was killed (seed {seed}):\n{out[-2000:]}'
 
@@ -274,19 +270,19 @@ def test_exact_resume_after_sigkill_and_clean_exit_on_sigterm(tmp_path):
   left = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   term_at = rng.randrange(max(kill_at, left) + EVERY, 28, EVERY) if left + EVERY < 28 else None
   if term_at is not None:
-    code, out = _interrupt_after_checkpoint(_start(workdir, cache), workdir, term_at,
+    code, out = _interrupt_after_checkpoint(_start(workdir), workdir, term_at,
                                             signal.SIGTERM)
     assert code == 0, out[-3000:]
     assert 'resumed from step' in out
     if 'preempted at step ' in out:
       stopped = int(out.split('preempted at step ')[1].split(';')[0])
       assert (workdir / 'checkpoints' / str(stopped) / 'state').is_dir(), out[-2000:]
-      out = _finish(_start(workdir, cache))
+      out = _finish(_start(workdir))
       assert f'resumed from step {stopped}' in out
     else:  # the asynchronous save landed after the last step: the run had finished cleanly
       assert f'finished step {STEPS}' in out, out[-2000:]
   else:  # the killed run got to the last checkpoints: only the exact resume is left to check
-    out = _finish(_start(workdir, cache))
+    out = _finish(_start(workdir))
     assert 'resumed from step' in out
   chex.assert_trees_all_equal(_final_variables(workdir), expected,
                               custom_message=f'kill at {kill_at}+{delay:.2f}s, term at {term_at}, seed {seed}')
