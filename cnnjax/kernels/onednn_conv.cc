@@ -51,14 +51,15 @@ struct Geometry {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw;
   int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
   memory::data_type act, wei;  // compute type (activations), user kernel / kernel-gradient type
-  bool winograd_allowed = false;  // the caller's switch; `winograd()` says whether it applies
+  bool winograd_allowed = false;  // the caller's switch; `winograd(pass)` says whether it applies
 
   // Whether this convolution runs as Winograd F(4x4, 3x3) (winograd.h) instead of oneDNN's
   // direct convolution: float32 3x3 stride-1 convolutions (oneDNN 3.2 has Winograd only on
   // AVX-512).
-  bool winograd() const {
+  bool winograd(Pass pass) const {
     return winograd_allowed && act == memory::data_type::f32 && wei == memory::data_type::f32 &&
-           winograd::fits(kh, kw, sh, sw, dh, dw, groups, pt, pb, pl, pr, ic, oc);
+           winograd::fits(kh, kw, sh, sw, dh, dw, groups, pt, pb, pl, pr, ic, oc) &&
+           (pass != Pass::kBackwardWeights || winograd::kernel_gradient_fits(ic, oc));
   }
 
   std::string key(Pass pass) const {
@@ -199,7 +200,7 @@ dnnl::stream& stream() {
   return *tls_stream;
 }
 
-// The Winograd passes (g.winograd()): forward, backward-data as the forward convolution of dy
+// The Winograd passes (g.winograd(pass)): forward, backward-data as the forward convolution of dy
 // with the flipped kernel (padded by 2 - padding), backward-weights.
 bool run_winograd(const Geometry& g, Pass pass, void* src, void* kernel, void* dst) {
   std::lock_guard<std::mutex> one_at_a_time(execute_mutex);
@@ -216,7 +217,7 @@ bool run_winograd(const Geometry& g, Pass pass, void* src, void* kernel, void* d
 }
 
 ffi::Error run(const Geometry& g, Pass pass, void* src, void* kernel, void* dst) {
-  if (g.winograd()) {
+  if (g.winograd(pass)) {
     {
       std::lock_guard<std::mutex> lock(cache_mutex);
       last_impl[static_cast<int>(pass)] = winograd::kImpl;

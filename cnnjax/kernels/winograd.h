@@ -49,6 +49,13 @@ inline bool fits(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int
          ic % 8 == 0 && oc % 8 == 0;
 }
 
+// Whether backward-weights fits too: every thread sums its own dU ([36][ic][oc] floats), so
+// wide layers on many cores would need gigabytes; past 256 MiB in all oneDNN's direct kernel
+// computes it.
+inline bool kernel_gradient_fits(int64_t ic, int64_t oc) {
+  return static_cast<int64_t>(omp_get_max_threads()) * kPoints * ic * oc * 4 <= (256LL << 20);
+}
+
 struct Tiles {
   int64_t n, th, tw;  // batch, tile rows, tile columns
   int64_t count() const { return n * th * tw; }
