@@ -107,7 +107,8 @@ def grid(lib):
     y = jax.eval_shape(lambda a, b: _xla(a, b, case), x, kernel)
     cotangent = jnp.asarray(np.random.default_rng(100 + i).standard_normal(y.shape), jnp.float32)
     operands.append((x, kernel, cotangent))
-  return _grid(operands)
+  with kernels.use_winograd(True):   # the Winograd cases take it on any CPU
+    return _grid(operands)
 
 
 def _relative(a, b):
@@ -192,18 +193,23 @@ def test_the_same_step_twice_is_bit_identical(lib, net):
   assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_winograd_runs_where_it_fits_deterministically_and_can_be_switched_off(lib):
+def test_winograd_runs_where_it_fits_deterministically_and_by_cpu_or_switch(lib):
   case = CASES[WINOGRAD_CASES[0]]
   x, kernel = _operands(case, 0)
 
   def passes():  # a new function each time: traced (and the switch read) anew
     return jax.jit(lambda a, b: _value_and_grads(_onednn, a, b, case, jnp.ones_like(_xla(a, b, case))))(
         x, kernel)
-  winograd = passes()
-  assert [lib.last_impl(kind) for kind in loader.PASSES] == ['winograd_f4x4_3x3+dnnl_sgemm'] * 3
-  again = passes()
+  with kernels.use_winograd(True):
+    winograd = passes()
+    assert [lib.last_impl(kind) for kind in loader.PASSES] == ['winograd_f4x4_3x3+dnnl_sgemm'] * 3
+    again = passes()
   assert all(np.array_equal(a, b) for a, b in zip(winograd, again))
+  automatic = passes()   # by default on AVX2 CPUs only
+  assert np.array_equal(automatic[0], winograd[0]) == lib.isa.startswith('avx2')
+  assert (kernels.backend()['winograd'] != 'off') == lib.isa.startswith('avx2')
   with kernels.use_winograd(False):
+    assert kernels.backend()['winograd'] == 'off'
     direct = passes()
   assert not any(lib.last_impl(kind).startswith('winograd') for kind in loader.PASSES)
   for a, b in zip(winograd, direct):

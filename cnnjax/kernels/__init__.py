@@ -8,7 +8,7 @@ a failed build, on older instruction sets unless ``CNNJAX_ONEDNN=1``, or when sw
 
 * ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
 * ``winograd.h``: Winograd F(4x4, 3x3) for float32 3x3 stride-1 convolutions (all three passes),
-  which the handlers use where it fits unless ``use_winograd(False)``;
+  which the handlers use where it fits on AVX2 CPUs (`use_winograd` decides otherwise);
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
 * ``loader.py``: loads and registers it on first use, and says once why it cannot;
 * ``conv.py`` / ``partition.py``: the custom-VJP JAX function and its batch partitioning.
@@ -75,8 +75,10 @@ def backend() -> dict:
   if lib is None:
     return {'conv': 'xla', 'reason': unavailable_reason()}
   use, reason = _choice(lib)
+  from cnnjax.kernels.conv import winograd_wanted
   info = {'conv': 'onednn' if use else 'xla', 'onednn': lib.onednn_version,
           'isa': lib.isa, 'bfloat16': 'native' if lib.bf16_native else 'computed in float32',
+          'winograd': 'float32 3x3 stride 1' if use and winograd_wanted(lib) else 'off',
           'library': lib.path}
   if reason:
     info['reason'] = reason
@@ -86,9 +88,10 @@ def backend() -> dict:
   return info
 
 
-def use_winograd(enabled: bool):
+def use_winograd(enabled: bool | None):
   """``with use_winograd(False):`` keeps the convolutions traced inside on oneDNN's direct
-  kernels instead of Winograd F(4x4, 3x3) (`cnnjax.kernels.conv.use_winograd`)."""
+  kernels instead of Winograd F(4x4, 3x3); True uses it also where it is not automatic
+  (AVX-512), None chooses by the CPU (`cnnjax.kernels.conv.use_winograd`)."""
   from cnnjax.kernels.conv import use_winograd as impl
   return impl(enabled)
 

@@ -8,10 +8,12 @@ oneDNN converts it while reordering it, and returns its gradient in float32 dire
 where oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2) bfloat16 convolutions are
 computed in float32 and rounded to bfloat16.
 
-Float32 3x3 stride-1 convolutions (no dilation or groups, paddings 0-2, channels in eights, at
-least 16) run as Winograd F(4x4, 3x3) (``winograd.h``): 2.25 multiplications per output where
-oneDNN's direct kernels need 9; they agree with direct convolution to float32 rounding. Turn it
-off for the convolutions traced inside ``with use_winograd(False):``.
+On AVX2 CPUs, float32 3x3 stride-1 convolutions (no dilation or groups, paddings 0-2, channels
+in eights, at least 16) run as Winograd F(4x4, 3x3) (``winograd.h``): 2.25 multiplications per
+output where oneDNN's direct kernels need 9; they agree with direct convolution to float32
+rounding. ``with use_winograd(False | True):`` decides for the convolutions traced inside (True
+also on AVX-512, where oneDNN's direct kernels are faster per multiplication and Winograd was not
+measured against them).
 
 All passes are wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a
 batch sharded over devices every device runs the kernel on its own rows (the kernel gradient is
@@ -33,18 +35,25 @@ from cnnjax.kernels import loader
 from cnnjax.kernels.partition import batch_partitioned
 
 
-_USE_WINOGRAD = contextvars.ContextVar('cnnjax_use_winograd', default=True)
+_USE_WINOGRAD = contextvars.ContextVar('cnnjax_use_winograd', default=None)   # None: automatic
 
 
 @contextlib.contextmanager
-def use_winograd(enabled: bool) -> Iterator[None]:
-  """Lets the convolutions traced inside run as Winograd F(4x4, 3x3) where they fit (the
-  default), or keeps them all on oneDNN's direct convolution (False)."""
-  token = _USE_WINOGRAD.set(bool(enabled))
+def use_winograd(enabled: bool | None) -> Iterator[None]:
+  """Lets the convolutions traced inside run as Winograd F(4x4, 3x3) where they fit (True), keeps
+  them all on oneDNN's direct convolution (False), or chooses by the CPU (None, the default)."""
+  token = _USE_WINOGRAD.set(enabled if enabled is None else bool(enabled))
   try:
     yield
   finally:
     _USE_WINOGRAD.reset(token)
+
+
+def winograd_wanted(lib) -> bool:
+  """Whether convolutions traced now may run as Winograd: as asked by `use_winograd`, else on
+  AVX2 CPUs, where it was measured faster than oneDNN's direct kernels (benchmarks/README.md)."""
+  asked = _USE_WINOGRAD.get()
+  return asked if asked is not None else lib.isa.startswith('avx2')
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride, padding, dilation=(1, 1),
     # A strided 1x1 convolution is a 1x1 convolution of every s-th pixel (what oneDNN does
     # inside too; its jit_1x1 backward-weights with stride and 3 channels corrupts memory).
     x, stride = x[:, ::stride[0], ::stride[1]], (1, 1)
-  spec = ConvSpec(stride, padding, tuple(dilation), groups, _USE_WINOGRAD.get())
   lib = loader.library()
   if lib is None:
     raise RuntimeError(f'the oneDNN convolutions are unavailable: {loader.unavailable_reason()}')
+  spec = ConvSpec(stride, padding, tuple(dilation), groups, winograd_wanted(lib))
   if x.dtype == jnp.bfloat16 and not lib.bf16_native:
     # No bfloat16 convolutions on this CPU: bfloat16 values, float32 arithmetic, bfloat16 out.
     # The kernel is rounded to bfloat16 as oneDNN would, its gradient stays float32 as well.
