@@ -304,6 +304,19 @@ def train_gflop_per_image(model: str) -> float:
   return 6 * cnnjax.summary(net, (h, w, c), print_fn=None).total_macs / 1e9
 
 
+def isa_peak_gflops(isa: str) -> float | None:
+  """The float32 peak the instruction set allows on these cores, nominally: two FMA pipes of
+  8 (AVX2) or 16 (AVX-512) lanes, 2 FLOPs each, per core per cycle at /proc/cpuinfo's clock
+  (a VM's nominal clock: boost clocks can be higher). None when the clock is not known."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      mhz = next(float(line.split(':')[1]) for line in f if line.startswith('cpu MHz'))
+  except (OSError, StopIteration, ValueError):
+    return None
+  lanes = 16 if isa.startswith('avx512') else 8 if isa.startswith('avx2') else 4
+  return round(len(os.sched_getaffinity(0)) * 2 * lanes * 2 * mhz / 1e3, 1)
+
+
 def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
   """What these cores reach on float32 arithmetic: PyTorch's best square matmul (its BLAS), in
   GFLOP/s, best of `repeat`."""
@@ -378,6 +391,7 @@ def main(argv=None) -> None:
                                tuple(args.precisions.split(',')))
     result['train_gflop_per_image'] = train_gflop_per_image(args.model)
     result['matmul_peak_gflops'] = matmul_peak_gflops()
+    result['isa_peak_gflops'] = isa_peak_gflops(result['backend'].get('isa', ''))
     emit(result)
     return
   if args.smoke:

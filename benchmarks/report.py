@@ -65,6 +65,7 @@ def interleaved_rows(results: dict) -> list[dict]:
                    'ratio': _ratio(ours, theirs[fastest]),
                    'gflops': round(ours * r['train_gflop_per_image'], 1),
                    'matmul_peak_gflops': r.get('matmul_peak_gflops'),
+                   'isa_peak_gflops': r.get('isa_peak_gflops'),
                    'load': r.get('load_average')})
   return rows
 
@@ -168,14 +169,15 @@ def markdown(results: dict) -> str:
   if rows:
     parts.append(
         f'### Train steps alternated in one process (images/s, batch {cfg.get("batch")}, median of '
-        'the rounds; GFLOP/s = 6 x forward MACs per image x images/s, beside the best float32 '
-        'matmul on these cores)\n\n' + _table(
+        'the rounds; GFLOP/s = 6 x forward MACs per image x images/s (Winograd counted as the direct '
+        'convolution it replaces), beside the best float32 matmul on these cores and the '
+        "instruction set's nominal peak)\n\n" + _table(
             ['model', 'precision', 'cnnjax', "PyTorch's fastest", 'cnnjax / PyTorch',
-             'cnnjax GFLOP/s', 'matmul peak GFLOP/s', '1-min load'],
+             'cnnjax GFLOP/s', 'matmul GFLOP/s', 'ISA peak GFLOP/s', '1-min load'],
             [[r['model'], r['precision'], _fmt(r['cnnjax'], ',.1f'),
               f"{_fmt(r['pytorch_images_per_s'], ',.1f')} ({r['pytorch'].replace('PyTorch ', '')})",
               _fmt(r['ratio'], '.2f'), _fmt(r['gflops'], ',.1f'),
-              _fmt(r['matmul_peak_gflops'], ',.1f'),
+              _fmt(r['matmul_peak_gflops'], ',.1f'), _fmt(r['isa_peak_gflops'], ',.1f'),
               ' -> '.join(str(l[0]) for l in r['load'] or [])] for r in rows]))
 
   dvc = results.get('dense_vs_conv')

@@ -46,3 +46,12 @@ def test_bench_smoke_writes_consistent_json(tmp_path):
     assert torch_run['eager']['params'] == jax_run['params']  # the same network in both
     assert torch_run['channels_last']['train']['images_per_s'] > 0
     assert r['dense_vs_conv']['torch']['sizes']['32x32x3']['dense']['params'] == 196_672
+    # the speed targets: every configuration alternated in one process, both precisions
+    steps = r['interleaved']['lenet5']
+    for config in ('cnnjax float32, oneDNN + Winograd convolutions', 'PyTorch eager (NCHW) float32',
+                   'cnnjax bfloat16, oneDNN + Winograd convolutions',
+                   'PyTorch channels_last + autocast bfloat16'):
+      assert steps[config] > 0, config
+    assert steps['train_gflop_per_image'] > 0 and steps['matmul_peak_gflops'] > 0
+    assert "lenet5: bfloat16 train >= 1.25x PyTorch's fastest, one process" in r['targets']
+    assert '### Train steps alternated in one process' in proc.stdout
