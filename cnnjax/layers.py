@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax import fast_paths, kernels
+from cnnjax import kernels
 from cnnjax.errors import ShapeError
 from cnnjax.fast_paths import conv_space_to_depth, space_to_depth_block, tiled
 from cnnjax.shapes import Padding, conv_output_size, explicit_padding, pair, pool_padding
@@ -101,7 +101,7 @@ class Conv2d(nn.Module):
                                  self.groups)
     if block > 1:
       y = conv_space_to_depth(x, kernel, padding, block)
-    elif fast_paths.active() and kernels.supports(x, kernel, padding) and kernels.active():
+    elif kernels.supports(x, kernel, padding) and kernels.active():
       # The float32 parameter itself: oneDNN rounds it to x's dtype and returns a float32 gradient.
       y = kernels.conv2d(x, param if param.dtype == jnp.float32 else kernel, stride, padding,
                          dilation, self.groups)

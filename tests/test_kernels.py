@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cnnjax import kernels, layers
+from cnnjax.fast_paths import cpu_fast_paths
 from cnnjax.kernels import build, conv, loader
 
 # (batch, h, w, in, out, kernel, stride, ((top, bottom), (left, right)), dilation, groups)
@@ -225,6 +226,10 @@ def test_backend_says_which_convolutions_run(lib):
     assert kernels.backend()['conv'] == 'xla'
   automatic = kernels.backend()   # oneDNN by default only where it was measured faster
   assert (automatic['conv'] == 'onednn') == lib.isa.startswith(('avx2', 'avx512')), automatic
+  with kernels.use_onednn(True):
+    assert kernels.active()
+    with cpu_fast_paths(False):   # exports and summaries: plain convolutions, as Conv2d does
+      assert not kernels.active()
 
 
 def test_a_missing_library_falls_back_to_xla_and_says_why_once(lib, net, monkeypatch, tmp_path):

@@ -55,10 +55,12 @@ def _choice(lib) -> tuple[bool, str | None]:
 
 
 def active() -> bool:
-  """Whether a convolution traced now runs on oneDNN (loads the library on the first call;
-  if it cannot load, warns once with the reason)."""
-  import jax
-  if jax.default_backend() != 'cpu':
+  """Whether a convolution traced now runs on oneDNN: on the CPU backend, outside
+  ``cnnjax.fast_paths.cpu_fast_paths(False)`` (exports and summaries trace plain convolutions),
+  when the library loads (the first call loads it; if it cannot, warns once with the reason)
+  and `use_onednn` / ``CNNJAX_ONEDNN`` / the CPU say so."""
+  from cnnjax import fast_paths
+  if not fast_paths.active():   # also False off the CPU backend
     return False
   lib = library()
   return lib is not None and _choice(lib)[0]
