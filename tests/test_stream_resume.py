@@ -30,11 +30,11 @@ def digits(tmp_path_factory):
   return demo_folder.write_digits(root, load_dataset('mnist5k').select_classes((0, 1)))
 
 
-def _start(workdir, cache, overrides):
+def _start(workdir, overrides):
   import subprocess
   import sys
-  return subprocess.Popen([sys.executable, '-c', runs._RUN, str(workdir), json.dumps(overrides),
-                           str(cache)], cwd=runs.REPO, env=runs._env(),
+  return subprocess.Popen([sys.executable, '-c', runs._RUN, str(workdir), json.dumps(overrides)],
+                          cwd=runs.REPO, env=runs._env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -49,9 +49,8 @@ def test_streamed_run_resumes_exactly_after_sigkill_with_workers(tmp_path, digit
   overrides = COMMON + [f'data.name=folder:{digits}', 'data.image_size=16', 'data.workers=2',
                         'data.crop_scale=(0.35,1.0)', 'data.flip=true',
                         f'checkpoint.every_steps={EVERY}']
-  cache = tmp_path / 'jax_cache'
   reference = tmp_path / 'uninterrupted'
-  out = runs._finish(_start(reference, cache, overrides))
+  out = runs._finish(_start(reference, overrides))
   assert 'streamed as 16x16x1 by 2 worker(s)' in out
   expected = _final(reference)
   assert (reference / 'checkpoints' / str(STEPS) / 'data').is_dir()  # the loader's state
@@ -61,13 +60,13 @@ def test_streamed_run_resumes_exactly_after_sigkill_with_workers(tmp_path, digit
   rng = random.Random(seed)
   kill_at, delay = rng.randrange(EVERY, 21, EVERY), rng.uniform(0, 0.5)  # mid-step or mid-save
   workdir = tmp_path / 'interrupted'
-  code, out = runs._interrupt_after_checkpoint(_start(workdir, cache, overrides), workdir,
+  code, out = runs._interrupt_after_checkpoint(_start(workdir, overrides), workdir,
                                                kill_at, signal.SIGKILL, delay)
   assert code == -signal.SIGKILL, f'the run ended before it was killed (seed {seed}):\n{out[-2000:]}'
   left = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   saved = json.loads((workdir / 'checkpoints' / str(left) / 'data' / 'metadata').read_text())
   assert (saved['next_step'], saved['workers']) == (left, 2) and 'grain' in saved  # resumed from
-  out = runs._finish(_start(workdir, cache, overrides))
+  out = runs._finish(_start(workdir, overrides))
   assert f'resumed from step {left}' in out or left == STEPS, out[-2000:]
   chex.assert_trees_all_equal(_final(workdir), expected,
                               custom_message=f'killed at {kill_at}+{delay:.2f}s, seed {seed}')
@@ -96,11 +95,10 @@ def test_a_stream_of_in_memory_arrays_trains_exactly_like_the_fast_path(tmp_path
   """mnist5k digits 0/1 through the grain loader (2 workers, stored size, on-device crop)
   end with the in-memory run's parameters, bit for bit."""
   overrides = COMMON + ['data.name=mnist5k', 'data.crop_padding=2', 'checkpoint.every_steps=0']
-  cache = tmp_path / 'jax_cache'
   results = {}
   for pipeline in ('memory', 'stream'):
     workdir = tmp_path / pipeline
-    out = runs._finish(_start(workdir, cache, overrides + [f'data.pipeline={pipeline}',
+    out = runs._finish(_start(workdir, overrides + [f'data.pipeline={pipeline}',
                                                           'data.workers=2']))
     assert ('streamed as 28x28x1' in out) == (pipeline == 'stream'), out[-2000:]
     results[pipeline] = _final(workdir)
