@@ -214,7 +214,8 @@ def interleaved_steps(model: str, batch: int, steps: int,
                       precisions: tuple[str, ...] = ('float32',)) -> dict:
   """Train steps in this one process, alternated so load hits all alike, images/s of the median
   step. float32: cnnjax with oneDNN + Winograd convolutions (the default), with
-  oneDNN's direct convolutions only and with XLA's, PyTorch eager and channels_last; bfloat16:
+  oneDNN's direct convolutions only and with XLA's, PyTorch eager and channels_last (also on one
+  thread); bfloat16:
   cnnjax with ``model.dtype=bfloat16`` and PyTorch channels_last + ``torch.autocast('cpu',
   torch.bfloat16)`` (torch_worker.py's model and loop)."""
   import cnnjax
@@ -240,7 +241,7 @@ def interleaved_steps(model: str, batch: int, steps: int,
       jax.block_until_ready(metrics)
     return step
 
-  def torch_step(memory_format, autocast=False):
+  def torch_step(memory_format, autocast=False, threads=os.cpu_count()):
     torch.manual_seed(0)
     net = BUILDERS[model](in_channels=images['image'].shape[-1]).to(memory_format=memory_format)
     x = torch.from_numpy(images['image']).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
@@ -248,6 +249,7 @@ def interleaved_steps(model: str, batch: int, steps: int,
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step():
+      torch.set_num_threads(threads)
       opt.zero_grad(set_to_none=True)
       with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         loss = F.cross_entropy(net((x.float() - 127.5) / 64.0), labels)
@@ -263,7 +265,10 @@ def interleaved_steps(model: str, batch: int, steps: int,
         'cnnjax float32, oneDNN direct convolutions': jax_step('float32', winograd=False),
         'cnnjax float32, XLA convolutions': jax_step('float32', use=False),
         'PyTorch eager (NCHW) float32': torch_step(torch.contiguous_format),
-        'PyTorch channels_last float32': torch_step(torch.channels_last)})
+        'PyTorch channels_last float32': torch_step(torch.channels_last),
+        # one thread: on cores other processes also use, PyTorch's OpenMP team waits at every
+        # op for a preempted thread, and small nets then run fastest on one
+        'PyTorch channels_last float32, 1 thread': torch_step(torch.channels_last, threads=1)})
   if 'bfloat16' in precisions:
     steps_of.update({
         'cnnjax bfloat16, oneDNN + Winograd convolutions': jax_step('bfloat16'),

@@ -45,7 +45,8 @@ def _error(m: dict, key: str) -> str | None:
 
 # The interleaved part's configurations: cnnjax's default, and PyTorch's, per precision.
 CNNJAX_DEFAULT = 'cnnjax {}, oneDNN + Winograd convolutions'
-PYTORCH = {'float32': ('PyTorch eager (NCHW) float32', 'PyTorch channels_last float32'),
+PYTORCH = {'float32': ('PyTorch eager (NCHW) float32', 'PyTorch channels_last float32',
+                       'PyTorch channels_last float32, 1 thread'),
            'bfloat16': ('PyTorch channels_last + autocast bfloat16',)}
 
 
