@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from cnnjax import kernels
 from cnnjax.errors import ShapeError
-from cnnjax.fast_paths import conv_space_to_depth, space_to_depth_block, tiled
+from cnnjax.fast_paths import conv_space_to_depth, max_over_tiles, space_to_depth_block, tiled
 from cnnjax.shapes import Padding, conv_output_size, explicit_padding, pair, pool_padding
 
 Dtype = Any
@@ -154,7 +154,7 @@ class MaxPool2d(nn.Module):
         'MaxPool2d', x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
     tiles = tiled(x, kernel_size, stride, padding)
     if tiles is not None:
-      return tiles.max(axis=(2, 4))
+      return max_over_tiles(tiles)
     return nn.max_pool(x, kernel_size, stride, padding)
 
 

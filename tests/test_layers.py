@@ -319,3 +319,14 @@ def test_tiling_pool_gradients_match_torch(kind, kernel, hw):
   (gx,) = vjp(jnp.asarray(grad_out.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(y, out.transpose(0, 2, 3, 1), **TOL)
   np.testing.assert_allclose(gx, dx.transpose(0, 2, 3, 1), **TOL)
+
+
+@pytest.mark.parametrize('kernel, hw', [(2, (8, 8)), (3, (9, 7)), ((2, 3), (6, 7))])
+def test_tiling_max_pool_gradient_goes_to_the_first_of_equal_maxima_as_torch(kernel, hw):
+  torch = pytest.importorskip('torch')
+  x = np.random.default_rng(3).integers(0, 3, (2, 3, *hw)).astype(np.float32)  # many ties
+  out, grad_out, (dx,) = _torch_grads(torch, lambda x: torch.nn.functional.max_pool2d(x, kernel), x)
+  y, vjp = jax.vjp(lambda x: layers.MaxPool2d(kernel).apply({}, x), x.transpose(0, 2, 3, 1))
+  (gx,) = vjp(jnp.asarray(grad_out.transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(y, out.transpose(0, 2, 3, 1), **TOL)
+  np.testing.assert_allclose(gx, dx.transpose(0, 2, 3, 1), **TOL)
