@@ -4,37 +4,22 @@ The suite opts in to cnnjax's CPU configuration as run.py does (XLA:CPU flags, t
 cache); the processes tests start inherit XLA_FLAGS, and get the same cache through JAX's
 environment variables.
 
-Programs that `jax.jit` partitions over several devices call the oneDNN convolutions through
-`custom_partitioning`, whose Python callback's address is part of JAX's cache key, so no other
-process ever found them in the persistent cache: every 8-device child compiled them again.
-The suite drops that address from the key (JAX's `jax_remove_custom_partitioning_ptr_from_
-cache_key`, inherited by the children) and, because the partitioning rules are then no longer in
-the key, keeps its cache in a subdirectory named by a hash of cnnjax/kernels/*.py: editing the
-kernels starts a fresh cache instead of reusing partitioned programs of the old rules.
+The cache is `runtime.enable_compilation_cache`'s (a subdirectory per version of
+cnnjax/kernels/*.py, partitioned programs found again); the children get its settings too.
 """
-import hashlib
 import os
-import pathlib
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-os.environ.setdefault('JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY', 'true')
 
 from cnnjax import runtime  # noqa: E402
 
 
-def _kernels_cache_dir(cache_dir: str) -> str:
-  kernels = pathlib.Path(runtime.__file__).resolve().parent / 'kernels'
-  digest = hashlib.sha256(b''.join(p.read_bytes() for p in sorted(kernels.glob('*.py'))))
-  return os.path.join(cache_dir, f'kernels-{digest.hexdigest()[:12]}')
-
-
-if runtime.default_cache_dir():  # '' (CNNJAX_CACHE_DIR=''): the cache stays off
-  os.environ.setdefault('CNNJAX_CACHE_DIR', _kernels_cache_dir(runtime.default_cache_dir()))
 if runtime.configure_cpu()['cache_dir']:
   import jax
   for _name in ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-                'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size'):
+                'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size',
+                'jax_remove_custom_partitioning_ptr_from_cache_key'):
     os.environ.setdefault(_name.upper(), str(getattr(jax.config, _name)))
 
 

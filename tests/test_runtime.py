@@ -5,11 +5,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from cnnjax import runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-                 'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size')
+                 'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size',
+                 'jax_remove_custom_partitioning_ptr_from_cache_key')
 
 PROBE = f"""
 import json, os, sys, warnings
@@ -40,12 +43,13 @@ def _probe(**env_changes):
 
 
 def test_import_changes_nothing_and_configure_cpu_opts_in(tmp_path):
-  cache = tmp_path / 'cache'
-  cache.mkdir()
+  root = tmp_path / 'cache'
+  cache = root / f'kernels-{runtime._kernels_digest()}'   # one per version of the kernels
+  cache.mkdir(parents=True)
   (cache / 'old-cache').write_bytes(b'x')  # an entry an unbounded cache wrote: no access time
   cache = str(cache)
   user = '--xla_force_host_platform_device_count=1'
-  out = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=user)
+  out = _probe(CNNJAX_CACHE_DIR=str(root), XLA_FLAGS=user)
   # `import cnnjax` leaves XLA_FLAGS, JAX's cache configuration and the backends alone.
   assert out['xla_flags_imported'] == out['xla_flags_before'] == user
   assert out['cache_imported'] == out['cache_before']
@@ -59,7 +63,8 @@ def test_import_changes_nothing_and_configure_cpu_opts_in(tmp_path):
   assert out['cache'] == {'jax_compilation_cache_dir': cache,
                           'jax_persistent_cache_min_compile_time_secs': 0.2,
                           'jax_persistent_cache_min_entry_size_bytes': -1,
-                          'jax_compilation_cache_max_size': 2 * 2**30}
+                          'jax_compilation_cache_max_size': 2 * 2**30,
+                          'jax_remove_custom_partitioning_ptr_from_cache_key': True}
   # ... whose eviction (jaxlib 0.10's) needs every entry's access-time file.
   assert os.path.getsize(os.path.join(cache, 'old-atime')) == 8
 
@@ -71,6 +76,7 @@ def test_user_settings_win(tmp_path):
   own_cache = _probe(JAX_COMPILATION_CACHE_DIR=cache)  # JAX's own setting: kept, not bounded
   assert own_cache['first']['cache_dir'] == cache
   assert own_cache['cache']['jax_compilation_cache_max_size'] == -1
+  assert not own_cache['cache']['jax_remove_custom_partitioning_ptr_from_cache_key']
   for name in own_bound['cnnjax_flags']:  # a value the user chose for the same flag wins
     mine = f'--{name}=dot'
     users = _probe(CNNJAX_CACHE_DIR=cache, XLA_FLAGS=mine)
@@ -97,3 +103,45 @@ def test_flags_only_for_measured_jaxlib_versions(monkeypatch):
     monkeypatch.setattr(runtime, '_jaxlib_version', lambda: version)
     assert runtime.cpu_flags() == runtime._CPU_FLAGS[version]
     assert runtime.eval_compiler_options() == runtime._EVAL_COMPILER_OPTIONS.get(version)
+
+
+PARTITIONED = """
+import sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import cnnjax
+cnnjax.configure_cpu()
+from cnnjax import kernels, layers
+mesh = jax.make_mesh((2,), ('batch',))
+def grad_of_conv(shape):
+  conv = layers.Conv2d(16, 3, padding=1)
+  x = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P('batch')))
+  params = conv.init(jax.random.key(0), x)
+  jax.block_until_ready(jax.jit(jax.grad(lambda p, x: conv.apply(p, x).sum()))(params, x))
+if sys.argv[1] == 'other program first':   # its callbacks take the first places in JAX's registry
+  grad_of_conv((2, 6, 6, 16))
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+grad_of_conv((4, 8, 8, 16))
+print(kernels.active(), events.count('/jax/compilation_cache/cache_hits'),
+      events.count('/jax/compilation_cache/cache_misses'))
+"""
+
+
+def test_a_program_partitioned_over_devices_is_found_in_the_cache_by_the_next_process(tmp_path):
+  """The oneDNN convolutions' partitioning callbacks are not in the cache key: with their place in
+  JAX's callback registry in it, a process that had partitioned another program first (as the
+  suite's children, a notebook) never found the program."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in {'XLA_FLAGS', 'CNNJAX_CACHE_DIR', *(n.upper() for n in CACHE_OPTIONS)}}
+  env.update(CNNJAX_CACHE_DIR=str(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')   # write every program, however small
+  runs = [subprocess.run([sys.executable, '-c', PARTITIONED, first], cwd=ROOT, env=env, text=True,
+                         capture_output=True, timeout=300) for first in ('', 'other program first')]
+  assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+  (active, *first), (_, *second) = (r.stdout.split()[-3:] for r in runs)
+  if active != 'True':
+    pytest.skip('the oneDNN convolutions are not available here')
+  # the first process wrote its programs; the second found them all (with the callbacks in the
+  # key: 4 hits and 1 miss, the gradient's program)
+  assert int(first[1]) > 0 and int(second[0]) > 0 and second[1] == '0', (first, second)
