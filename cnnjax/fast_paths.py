@@ -57,13 +57,15 @@ def space_to_depth_block(in_channels: int, features: int, kernel_size, stride, d
   (``s*s*C`` channels) turns a k x k stride-1 convolution into a ceil((k+s-1)/s)-sized one on
   the block grid: more multiply-adds but channel counts XLA handles well (measured 2-4x faster
   per layer on a 2-core AVX-512 CPU, benchmarks/README.md). Blocks multiply the output channels
-  by s*s too, so wide layers (a ResNet stem's 64 filters) stay direct; 4x4 blocks only pay off
-  for kernels of 5 and more. Only on the CPU backend, where it was measured.
+  by s*s too, so wide layers (a ResNet stem's 64 filters) stay direct. Always 2x2: 4x4 blocks
+  for the 1-3-channel 5x5 convolutions (2.6x the multiply-adds, where 2x2 has 1.4x) made the
+  lenet5 and tutorial_net train steps 1.11x slower on a 2-core AVX2 CPU (benchmarks/README.md).
+  Only on the CPU backend, where it was measured.
   """
   if (not active() or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
       or in_channels > 8 or features > 32 or min(kernel_size) < 3):
     return 1
-  return 4 if in_channels <= 3 and min(kernel_size) >= 5 else 2
+  return 2
 
 
 def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
