@@ -227,24 +227,36 @@ def interleaved_steps(model: str, batch: int, steps: int,
   step. float32: cnnjax with oneDNN + Winograd convolutions (the default), with
   oneDNN's direct convolutions only and with XLA's, PyTorch eager and channels_last (also on one
   thread); bfloat16:
-  cnnjax with ``model.dtype=bfloat16`` and PyTorch channels_last + ``torch.autocast('cpu',
-  torch.bfloat16)`` (torch_worker.py's model and loop)."""
+  cnnjax with ``model.dtype=bfloat16`` (as this CPU computes bfloat16 convolutions by default, and
+  the other way where oneDNN has bfloat16 kernels: `cnnjax.kernels.conv.bfloat16_arithmetic`) and
+  PyTorch channels_last + ``torch.autocast('cpu', torch.bfloat16)`` (torch_worker.py's model and
+  loop)."""
   import cnnjax
   cnnjax.configure_cpu()
   import jax
   import torch
   import torch.nn.functional as F
   from cnnjax import kernels, train
+  from cnnjax.kernels import loader
+  from cnnjax.kernels.conv import BFLOAT16_SWITCH, bfloat16_arithmetic
   from jax_worker import host_batch, make_state
   from torch_worker import BUILDERS
   torch.set_num_threads(os.cpu_count())
   images = host_batch(model, batch, seed=1)
   on_device = jax.device_put(images)
 
-  def jax_step(dtype, use=True, winograd=True):
+  def jax_step(dtype, use=True, winograd=True, bfloat16_arithmetic=None):
     state, recipe = make_state(model, dtype)
-    with kernels.use_onednn(use), kernels.use_winograd(winograd):
-      compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
+    before = os.environ.get(BFLOAT16_SWITCH)
+    if bfloat16_arithmetic:   # read while tracing
+      os.environ[BFLOAT16_SWITCH] = bfloat16_arithmetic
+    try:
+      with kernels.use_onednn(use), kernels.use_winograd(winograd):
+        compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
+    finally:
+      os.environ.pop(BFLOAT16_SWITCH, None)
+      if before is not None:
+        os.environ[BFLOAT16_SWITCH] = before
     holder = [state]
 
     def step():
@@ -281,9 +293,13 @@ def interleaved_steps(model: str, batch: int, steps: int,
         # op for a preempted thread, and small nets then run fastest on one
         'PyTorch channels_last float32, 1 thread': torch_step(torch.channels_last, threads=1)})
   if 'bfloat16' in precisions:
-    steps_of.update({
-        'cnnjax bfloat16, oneDNN + Winograd convolutions': jax_step('bfloat16'),
-        'PyTorch channels_last + autocast bfloat16': torch_step(torch.channels_last, True)})
+    steps_of['cnnjax bfloat16, oneDNN + Winograd convolutions'] = jax_step('bfloat16')
+    lib = loader.library(warn=False)
+    if lib is not None and lib.bf16_native:   # the other way oneDNN can compute them here
+      other = 'float32' if bfloat16_arithmetic(lib)[0] == 'native' else 'native'
+      steps_of[f'cnnjax bfloat16, {BFLOAT16_SWITCH}={other}'] = jax_step(
+          'bfloat16', bfloat16_arithmetic=other)
+    steps_of['PyTorch channels_last + autocast bfloat16'] = torch_step(torch.channels_last, True)
   # Each round times every configuration for about half a second: one step of a ResNet, a block
   # of steps (at most 50) of a small net, after one untimed step that lets the previous configuration's
   # threads (XLA's, oneDNN's and PyTorch's OpenMP pools) go quiet; alternated step by step, a

@@ -5,6 +5,7 @@ kernel gradients, float32 (relative error <= 1e-5) and bfloat16 (within bfloat16
 Then Conv2d's dispatch, determinism, the switch, the fallback warning, and 8 simulated devices
 (sharded jit and pmap) in a child process.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,9 +85,8 @@ def _value_and_grads(fn, x, kernel, case, cotangent):
   return (y, *vjp(cotangent.astype(y.dtype)))
 
 
-@jax.jit
 def _grid(operands):
-  """For every case: (oneDNN f32, XLA f32, oneDNN bf16) x (y, dx, dw)."""
+  """For every case: (oneDNN f32, XLA f32, oneDNN bf16, XLA on bf16 values) x (y, dx, dw)."""
   out = []
   for case, (x, kernel, cotangent) in zip(CASES, operands):
     xb = x.astype(jnp.bfloat16)
@@ -100,16 +100,37 @@ def _grid(operands):
   return out
 
 
-@pytest.fixture(scope='module')
-def grid(lib):
+def _grid_operands():
   operands = []
   for i, case in enumerate(CASES):
     x, kernel = _operands(case, i)
     y = jax.eval_shape(lambda a, b: _xla(a, b, case), x, kernel)
     cotangent = jnp.asarray(np.random.default_rng(100 + i).standard_normal(y.shape), jnp.float32)
     operands.append((x, kernel, cotangent))
+  return operands
+
+
+@pytest.fixture(scope='module')
+def grid(lib):
+  operands = _grid_operands()
   with kernels.use_winograd(True):   # the Winograd cases take it on any CPU
-    return _grid(operands)
+    return jax.jit(_grid)(operands)
+
+
+@pytest.fixture(scope='module')
+def grid_bf16_other_way(lib, grid):
+  """The bfloat16 column again, computed the way this CPU does not choose by default (oneDNN's
+  bfloat16 kernels or float32 arithmetic), where oneDNN has both."""
+  if not lib.bf16_native:
+    pytest.skip(f'oneDNN has no bfloat16 convolutions on this CPU ({lib.isa})')
+  other = 'float32' if conv.bfloat16_arithmetic(lib)[0] == 'native' else 'native'
+  operands = _grid_operands()
+  with kernels.use_winograd(True), pytest.MonkeyPatch.context() as mp:
+    mp.setenv(conv.BFLOAT16_SWITCH, other)
+    assert conv.bfloat16_arithmetic(lib)[0] == other
+    columns = jax.jit(lambda ops: [_value_and_grads(_onednn, x.astype(jnp.bfloat16), kernel, case, t)
+                                   for case, (x, kernel, t) in zip(CASES, ops)])(operands)
+  return [(None, None, ours, reference) for ours, (_, _, _, reference) in zip(columns, grid)]
 
 
 def _relative(a, b):
@@ -125,9 +146,7 @@ def test_float32_output_and_gradients_equal_xla(grid, index):
     assert _relative(a, b) <= 1e-5, (name, CASES[index], _relative(a, b))
 
 
-@pytest.mark.parametrize('index', range(len(CASES)))
-def test_bfloat16_within_bfloat16_rounding(grid, index):
-  _, _, ours, reference = grid[index]
+def _assert_bfloat16_within_rounding(ours, reference, index):
   y, dx, dkernel = ours
   assert y.dtype == dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.float32
   # y and dx are rounded to bfloat16 (relative step 2**-8); the kernel gradient is float32
@@ -135,6 +154,43 @@ def test_bfloat16_within_bfloat16_rounding(grid, index):
   for name, a, b, tol in (('y', y, reference[0], 2 ** -7), ('dx', dx, reference[1], 2 ** -7),
                           ('dkernel', dkernel, reference[2], 1e-4)):
     assert _relative(a, b) <= tol, (name, CASES[index], _relative(a, b))
+
+
+@pytest.mark.parametrize('index', range(len(CASES)))
+def test_bfloat16_within_bfloat16_rounding(grid, index):
+  _assert_bfloat16_within_rounding(grid[index][2], grid[index][3], index)
+
+
+@pytest.mark.parametrize('index', range(len(CASES)))
+def test_bfloat16_computed_the_other_way_within_bfloat16_rounding(grid_bf16_other_way, index):
+  _assert_bfloat16_within_rounding(grid_bf16_other_way[index][2], grid_bf16_other_way[index][3],
+                                   index)
+
+
+def test_bfloat16_arithmetic_by_cpu_and_by_switch(lib, monkeypatch):
+  """Native bfloat16 kernels where oneDNN has them, except on Intel without AMX (slower than
+  float32 there); CNNJAX_BFLOAT16_CONV decides when set; the backend and the program say which."""
+  monkeypatch.delenv(conv.BFLOAT16_SWITCH, raising=False)
+  like = lambda **kw: dataclasses.replace(lib, **kw)
+  assert conv.bfloat16_arithmetic(like(bf16_native=False))[0] == 'float32'
+  assert conv.bfloat16_arithmetic(like(bf16_native=True, cpu_vendor='GenuineIntel',
+                                       isa='avx512_core_bf16'))[0] == 'float32'
+  assert conv.bfloat16_arithmetic(like(bf16_native=True, cpu_vendor='GenuineIntel',
+                                       isa='avx512_core_amx'))[0] == 'native'
+  assert conv.bfloat16_arithmetic(like(bf16_native=True, cpu_vendor='AuthenticAMD',
+                                       isa='avx512_core_bf16'))[0] == 'native'
+  case = CASES[0]
+  x, kernel = _operands(case, 0)
+  for asked in ('float32', 'native'):
+    monkeypatch.setenv(conv.BFLOAT16_SWITCH, asked)
+    expected = asked if lib.bf16_native else 'float32'
+    assert conv.bfloat16_arithmetic(lib)[0] == expected
+    assert kernels.backend()['bfloat16'] == (
+        'native' if expected == 'native' else 'computed in float32')
+    hlo = jax.jit(lambda a, b: _onednn(a, b, case)).lower(
+        x.astype(jnp.bfloat16), kernel).as_text()
+    call = next(line for line in hlo.splitlines() if 'cnnjax_conv_forward' in line)
+    assert ('bf16' in call.split('cnnjax_conv_forward')[1]) == (expected == 'native'), call
 
 
 class _Net(flax.linen.Module):
@@ -206,9 +262,9 @@ def test_winograd_runs_where_it_fits_deterministically_and_by_cpu_or_switch(lib)
     assert [lib.last_impl(kind) for kind in loader.PASSES] == ['winograd_f4x4_3x3+dnnl_sgemm'] * 3
     again = passes()
   assert all(np.array_equal(a, b) for a, b in zip(winograd, again))
-  automatic = passes()   # by default on AVX2 CPUs only
-  assert np.array_equal(automatic[0], winograd[0]) == lib.isa.startswith('avx2')
-  assert (kernels.backend()['winograd'] != 'off') == lib.isa.startswith('avx2')
+  automatic = passes()   # by default on AVX2 and AVX-512 CPUs
+  assert np.array_equal(automatic[0], winograd[0]) == lib.isa.startswith(('avx2', 'avx512'))
+  assert (kernels.backend()['winograd'] != 'off') == lib.isa.startswith(('avx2', 'avx512'))
   with kernels.use_winograd(False):
     assert kernels.backend()['winograd'] == 'off'
     direct = passes()

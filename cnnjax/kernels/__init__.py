@@ -8,7 +8,8 @@ a failed build, on older instruction sets unless ``CNNJAX_ONEDNN=1``, or when sw
 
 * ``onednn_conv.cc``: the C++ FFI handlers (forward, backward-data, backward-weights);
 * ``winograd.h``: Winograd F(4x4, 3x3) for float32 3x3 stride-1 convolutions (all three passes),
-  which the handlers use where it fits on AVX2 CPUs (`use_winograd` decides otherwise);
+  which the handlers use where it fits on AVX2 and AVX-512 CPUs (`use_winograd` decides
+  otherwise);
 * ``build.py``: compiles it (at ``pip install``, or ``python -m cnnjax.kernels.build``);
 * ``loader.py``: loads and registers it on first use, and says once why it cannot;
 * ``conv.py`` / ``partition.py``: the custom-VJP JAX function and its batch partitioning.
@@ -26,7 +27,7 @@ _USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=None)   # None
 
 # Where oneDNN's convolutions are used without being asked for: the instruction sets on which they
 # were measured faster than XLA's over whole train steps (AVX2: small_resnet and cifar_resnet18
-# 1.21-1.25x, benchmarks/README.md; AVX-512: the issue's probe, 3-8x per convolution). Older
+# 1.21-1.25x, benchmarks/README.md; AVX-512: 1.37-1.57x on an AVX512-FP16 Xeon). Older
 # ones (SSE4.1, AVX) were not measured; CNNJAX_ONEDNN=1 or use_onednn(True) uses them anyway.
 _AUTOMATIC_ISAS = ('avx2', 'avx512')
 
@@ -77,9 +78,11 @@ def backend() -> dict:
   if lib is None:
     return {'conv': 'xla', 'reason': unavailable_reason()}
   use, reason = _choice(lib)
-  from cnnjax.kernels.conv import winograd_wanted
+  from cnnjax.kernels.conv import bfloat16_arithmetic, winograd_wanted
+  bf16, why = bfloat16_arithmetic(lib)
   info = {'conv': 'onednn' if use else 'xla', 'onednn': lib.onednn_version,
-          'isa': lib.isa, 'bfloat16': 'native' if lib.bf16_native else 'computed in float32',
+          'isa': lib.isa, 'bfloat16': 'native' if bf16 == 'native' else 'computed in float32',
+          'bfloat16_why': why,
           'winograd': 'float32 3x3 stride 1' if use and winograd_wanted(lib) else 'off',
           'library': lib.path}
   if reason:
@@ -93,7 +96,7 @@ def backend() -> dict:
 def use_winograd(enabled: bool | None):
   """``with use_winograd(False):`` keeps the convolutions traced inside on oneDNN's direct
   kernels instead of Winograd F(4x4, 3x3); True uses it also where it is not automatic
-  (AVX-512), None chooses by the CPU (`cnnjax.kernels.conv.use_winograd`)."""
+  (instruction sets older than AVX2), None chooses by the CPU (`cnnjax.kernels.conv.use_winograd`)."""
   from cnnjax.kernels.conv import use_winograd as impl
   return impl(enabled)
 

@@ -4,16 +4,16 @@ The three passes are XLA FFI calls into the library of `cnnjax.kernels.loader` (
 x and w; backward-data: dx from w and dy; backward-weights: dw from x and dy), so they run inside
 ``jax.jit`` like any XLA op. The computation happens in the activations' dtype (float32 or
 bfloat16, float32 accumulation); the kernel may stay float32 when the activations are bfloat16:
-oneDNN converts it while reordering it, and returns its gradient in float32 directly. On CPUs
-where oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2) bfloat16 convolutions are
-computed in float32 and rounded to bfloat16.
+oneDNN converts it while reordering it, and returns its gradient in float32 directly. Where
+oneDNN has no bfloat16 convolutions (AVX2 without AVX-VNNI-2), or they are slower than its float32
+ones (`bfloat16_arithmetic`), bfloat16 convolutions are computed in float32 and rounded to
+bfloat16.
 
-On AVX2 CPUs, float32 3x3 stride-1 convolutions (no dilation or groups, paddings 0-2, channels
-in eights, at least 16) run as Winograd F(4x4, 3x3) (``winograd.h``): 2.25 multiplications per
-output where oneDNN's direct kernels need 9; they agree with direct convolution to float32
-rounding. ``with use_winograd(False | True):`` decides for the convolutions traced inside (True
-also on AVX-512, where oneDNN's direct kernels are faster per multiplication and Winograd was not
-measured against them).
+On AVX2 and AVX-512 CPUs, float32 3x3 stride-1 convolutions (no dilation or groups, paddings
+0-2, channels in eights, at least 16) run as Winograd F(4x4, 3x3) (``winograd.h``): 2.25
+multiplications per output where oneDNN's direct kernels need 9; they agree with direct
+convolution to float32 rounding. ``with use_winograd(False | True):`` decides for the
+convolutions traced inside (True also on other instruction sets).
 
 All passes are wrapped in `jax.experimental.custom_partitioning`, so under ``jax.jit`` with a
 batch sharded over devices every device runs the kernel on its own rows (the kernel gradient is
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -51,9 +52,34 @@ def use_winograd(enabled: bool | None) -> Iterator[None]:
 
 def winograd_wanted(lib) -> bool:
   """Whether convolutions traced now may run as Winograd: as asked by `use_winograd`, else on
-  AVX2 CPUs, where it was measured faster than oneDNN's direct kernels (benchmarks/README.md)."""
+  AVX2 and AVX-512 CPUs, where ResNet train steps were measured faster with it than with
+  oneDNN's direct kernels (benchmarks/README.md)."""
   asked = _USE_WINOGRAD.get()
-  return asked if asked is not None else lib.isa.startswith('avx2')
+  return asked if asked is not None else lib.isa.startswith(('avx2', 'avx512'))
+
+
+BFLOAT16_SWITCH = 'CNNJAX_BFLOAT16_CONV'   # 'native' | 'float32'; unset: chosen by the CPU
+
+
+def bfloat16_arithmetic(lib) -> tuple[str, str]:
+  """How bfloat16 convolutions are computed here: ('native', why) on oneDNN's bfloat16 kernels
+  (float32 accumulation), or ('float32', why) on the bfloat16 values converted to float32, the
+  result rounded to bfloat16 (so float32 3x3 Winograd applies too).
+
+  ``CNNJAX_BFLOAT16_CONV=native | float32`` decides (read at trace time); by default they are
+  native where oneDNN has them, except on Intel CPUs without AMX: there oneDNN's AVX512-BF16
+  convolutions ran slower than its float32 ones (0.6-0.7x on an AVX512-FP16 Xeon, PyTorch's
+  oneDNN 3.12 alike: benchmarks/README.md), while AMX and AMD's AVX512-BF16 cores run them
+  faster."""
+  if not lib.bf16_native:
+    return 'float32', 'oneDNN has no bfloat16 convolutions on this CPU'
+  asked = os.environ.get(BFLOAT16_SWITCH, '').strip().lower()
+  if asked in ('native', 'float32'):
+    return asked, f'{BFLOAT16_SWITCH}={asked}'
+  if lib.cpu_vendor == 'GenuineIntel' and 'amx' not in lib.isa:
+    return 'float32', (f'faster than oneDNN\'s bfloat16 kernels on Intel CPUs without AMX; '
+                       f'{BFLOAT16_SWITCH}=native uses those')
+  return 'native', f'oneDNN\'s bfloat16 kernels ({lib.isa})'
 
 
 @dataclass(frozen=True)
@@ -143,8 +169,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride, padding, dilation=(1, 1),
   if lib is None:
     raise RuntimeError(f'the oneDNN convolutions are unavailable: {loader.unavailable_reason()}')
   spec = ConvSpec(stride, padding, tuple(dilation), groups, winograd_wanted(lib))
-  if x.dtype == jnp.bfloat16 and not lib.bf16_native:
-    # No bfloat16 convolutions on this CPU: bfloat16 values, float32 arithmetic, bfloat16 out.
+  if x.dtype == jnp.bfloat16 and bfloat16_arithmetic(lib)[0] == 'float32':
+    # bfloat16 values, float32 arithmetic, bfloat16 out (see `bfloat16_arithmetic`).
     # The kernel is rounded to bfloat16 as oneDNN would, its gradient stays float32 as well.
     kernel = kernel.astype(jnp.float32)
     kernel = kernel + jax.lax.stop_gradient(kernel.astype(x.dtype).astype(jnp.float32) - kernel)

@@ -52,6 +52,7 @@ class Library:
   onednn_version: str
   isa: str
   bf16_native: bool  # oneDNN has bfloat16 convolutions on this CPU (else cnnjax uses float32)
+  cpu_vendor: str    # /proc/cpuinfo's vendor_id: 'GenuineIntel', 'AuthenticAMD', ... or ''
 
   def last_impl(self, kind: str) -> str:
     """oneDNN's name of the implementation it chose last for a pass (e.g. 'brg_conv_fwd:...')."""
@@ -93,7 +94,19 @@ def _load(library_path: str) -> Library:
   dnnl.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
   isa = dnnl.dnnl_get_effective_cpu_isa()
   return Library(library_path, handle, dnnl, f'{v.major}.{v.minor}.{v.patch}',
-                 _ISA_NAMES.get(isa, hex(isa)), bool(handle.cnnjax_conv_bf16_native()))
+                 _ISA_NAMES.get(isa, hex(isa)), bool(handle.cnnjax_conv_bf16_native()),
+                 _cpu_vendor())
+
+
+def _cpu_vendor() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('vendor_id'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
 
 
 def _find() -> tuple[Library | None, str | None]:
