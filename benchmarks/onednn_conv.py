@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -245,18 +246,12 @@ def interleaved_steps(model: str, batch: int, steps: int,
   images = host_batch(model, batch, seed=1)
   on_device = jax.device_put(images)
 
-  def jax_step(dtype, use=True, winograd=True, bfloat16_arithmetic=None):
+  def jax_step(dtype, use=True, winograd=True, bf16_arithmetic=None):
     state, recipe = make_state(model, dtype)
-    before = os.environ.get(BFLOAT16_SWITCH)
-    if bfloat16_arithmetic:   # read while tracing
-      os.environ[BFLOAT16_SWITCH] = bfloat16_arithmetic
-    try:
-      with kernels.use_onednn(use), kernels.use_winograd(winograd):
-        compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
-    finally:
-      os.environ.pop(BFLOAT16_SWITCH, None)
-      if before is not None:
-        os.environ[BFLOAT16_SWITCH] = before
+    switch = {BFLOAT16_SWITCH: bf16_arithmetic} if bf16_arithmetic else {}   # read while tracing
+    with (kernels.use_onednn(use), kernels.use_winograd(winograd),
+          mock.patch.dict(os.environ, switch)):
+      compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
     holder = [state]
 
     def step():
@@ -298,7 +293,7 @@ def interleaved_steps(model: str, batch: int, steps: int,
     if lib is not None and lib.bf16_native:   # the other way oneDNN can compute them here
       other = 'float32' if bfloat16_arithmetic(lib)[0] == 'native' else 'native'
       steps_of[f'cnnjax bfloat16, {BFLOAT16_SWITCH}={other}'] = jax_step(
-          'bfloat16', bfloat16_arithmetic=other)
+          'bfloat16', bf16_arithmetic=other)
     steps_of['PyTorch channels_last + autocast bfloat16'] = torch_step(torch.channels_last, True)
   # Each round times every configuration for about half a second: one step of a ResNet, a block
   # of steps (at most 50) of a small net, after one untimed step that lets the previous configuration's

@@ -119,8 +119,8 @@ def grid(lib):
 
 @pytest.fixture(scope='module')
 def grid_bf16_other_way(lib, grid):
-  """The bfloat16 column again, computed the way this CPU does not choose by default (oneDNN's
-  bfloat16 kernels or float32 arithmetic), where oneDNN has both."""
+  """(ours, reference) per case: the bfloat16 column again, computed the way this CPU does not
+  choose by default (oneDNN's bfloat16 kernels or float32 arithmetic), where oneDNN has both."""
   if not lib.bf16_native:
     pytest.skip(f'oneDNN has no bfloat16 convolutions on this CPU ({lib.isa})')
   other = 'float32' if conv.bfloat16_arithmetic(lib)[0] == 'native' else 'native'
@@ -130,7 +130,7 @@ def grid_bf16_other_way(lib, grid):
     assert conv.bfloat16_arithmetic(lib)[0] == other
     columns = jax.jit(lambda ops: [_value_and_grads(_onednn, x.astype(jnp.bfloat16), kernel, case, t)
                                    for case, (x, kernel, t) in zip(CASES, ops)])(operands)
-  return [(None, None, ours, reference) for ours, (_, _, _, reference) in zip(columns, grid)]
+  return [(ours, reference) for ours, (_, _, _, reference) in zip(columns, grid)]
 
 
 def _relative(a, b):
@@ -163,8 +163,7 @@ def test_bfloat16_within_bfloat16_rounding(grid, index):
 
 @pytest.mark.parametrize('index', range(len(CASES)))
 def test_bfloat16_computed_the_other_way_within_bfloat16_rounding(grid_bf16_other_way, index):
-  _assert_bfloat16_within_rounding(grid_bf16_other_way[index][2], grid_bf16_other_way[index][3],
-                                   index)
+  _assert_bfloat16_within_rounding(*grid_bf16_other_way[index], index)
 
 
 def test_bfloat16_arithmetic_by_cpu_and_by_switch(lib, monkeypatch):
