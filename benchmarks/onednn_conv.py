@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from unittest import mock
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -239,7 +238,7 @@ def interleaved_steps(model: str, batch: int, steps: int,
   import torch.nn.functional as F
   from cnnjax import kernels, train
   from cnnjax.kernels import loader
-  from cnnjax.kernels.conv import BFLOAT16_SWITCH, bfloat16_arithmetic
+  from cnnjax.kernels.conv import bfloat16_arithmetic
   from jax_worker import host_batch, make_state
   from torch_worker import BUILDERS
   torch.set_num_threads(os.cpu_count())
@@ -248,9 +247,8 @@ def interleaved_steps(model: str, batch: int, steps: int,
 
   def jax_step(dtype, use=True, winograd=True, bf16_arithmetic=None):
     state, recipe = make_state(model, dtype)
-    switch = {BFLOAT16_SWITCH: bf16_arithmetic} if bf16_arithmetic else {}   # read while tracing
     with (kernels.use_onednn(use), kernels.use_winograd(winograd),
-          mock.patch.dict(os.environ, switch)):
+          kernels.use_bfloat16_arithmetic(bf16_arithmetic)):
       compiled = train.jit_train_step.lower(state, on_device, recipe=recipe).compile()
     holder = [state]
 
@@ -292,7 +290,7 @@ def interleaved_steps(model: str, batch: int, steps: int,
     lib = loader.library(warn=False)
     if lib is not None and lib.bf16_native:   # the other way oneDNN can compute them here
       other = 'float32' if bfloat16_arithmetic(lib)[0] == 'native' else 'native'
-      steps_of[f'cnnjax bfloat16, {BFLOAT16_SWITCH}={other}'] = jax_step(
+      steps_of[f'cnnjax bfloat16, use_bfloat16_arithmetic({other!r})'] = jax_step(
           'bfloat16', bf16_arithmetic=other)
     steps_of['PyTorch channels_last + autocast bfloat16'] = torch_step(torch.channels_last, True)
   # Each round times every configuration for about half a second: one step of a ResNet, a block

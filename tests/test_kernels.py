@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cnnjax import kernels, layers
+from cnnjax.errors import ConfigError
 from cnnjax.fast_paths import cpu_fast_paths
 from cnnjax.kernels import build, conv, loader
 
@@ -125,8 +126,7 @@ def grid_bf16_other_way(lib, grid):
     pytest.skip(f'oneDNN has no bfloat16 convolutions on this CPU ({lib.isa})')
   other = 'float32' if conv.bfloat16_arithmetic(lib)[0] == 'native' else 'native'
   operands = _grid_operands()
-  with kernels.use_winograd(True), pytest.MonkeyPatch.context() as mp:
-    mp.setenv(conv.BFLOAT16_SWITCH, other)
+  with kernels.use_winograd(True), kernels.use_bfloat16_arithmetic(other):
     assert conv.bfloat16_arithmetic(lib)[0] == other
     columns = jax.jit(lambda ops: [_value_and_grads(_onednn, x.astype(jnp.bfloat16), kernel, case, t)
                                    for case, (x, kernel, t) in zip(CASES, ops)])(operands)
@@ -180,16 +180,24 @@ def test_bfloat16_arithmetic_by_cpu_and_by_switch(lib, monkeypatch):
                                        isa='avx512_core_bf16'))[0] == 'native'
   case = CASES[0]
   x, kernel = _operands(case, 0)
-  for asked in ('float32', 'native'):
-    monkeypatch.setenv(conv.BFLOAT16_SWITCH, asked)
-    expected = asked if lib.bf16_native else 'float32'
-    assert conv.bfloat16_arithmetic(lib)[0] == expected
-    assert kernels.backend()['bfloat16'] == (
-        'native' if expected == 'native' else 'computed in float32')
-    hlo = jax.jit(lambda a, b: _onednn(a, b, case)).lower(
-        x.astype(jnp.bfloat16), kernel).as_text()
+  for asked, by_context in (('float32', False), ('native', False), ('float32', True),
+                           ('native', True)):
+    # the context manager wins over the environment, which asks for the other way then
+    other = 'native' if asked == 'float32' else 'float32'
+    monkeypatch.setenv(conv.BFLOAT16_SWITCH, other if by_context else asked)
+    with kernels.use_bfloat16_arithmetic(asked if by_context else None):
+      expected = asked if lib.bf16_native else 'float32'
+      assert conv.bfloat16_arithmetic(lib)[0] == expected
+      assert conv.bfloat16_arithmetic(like(bf16_native=True))[0] == asked
+      assert kernels.backend()['bfloat16'] == (
+          'native' if expected == 'native' else 'computed in float32')
+      hlo = jax.jit(lambda a, b: _onednn(a, b, case)).lower(
+          x.astype(jnp.bfloat16), kernel).as_text()
     call = next(line for line in hlo.splitlines() if 'cnnjax_conv_forward' in line)
     assert ('bf16' in call.split('cnnjax_conv_forward')[1]) == (expected == 'native'), call
+  with pytest.raises(ConfigError, match="use_bfloat16_arithmetic\\('fp32'\\)"):
+    with kernels.use_bfloat16_arithmetic('fp32'):
+      pass
 
 
 class _Net(flax.linen.Module):
@@ -382,6 +390,19 @@ def test_switched_off_by_the_environment(lib):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == ("False {'conv': 'xla', 'reason': 'switched off "
                                  "(CNNJAX_ONEDNN=0)'}")
+
+
+@pytest.mark.parametrize('name, read', [
+    (loader.ENV_SWITCH, lambda lib: loader.env_switch()),
+    (conv.BFLOAT16_SWITCH, lambda lib: conv.bfloat16_arithmetic(
+        dataclasses.replace(lib, bf16_native=True)))])
+def test_a_switch_set_to_no_setting_is_a_config_error(lib, monkeypatch, name, read):
+  """A typo in CNNJAX_ONEDNN or CNNJAX_BFLOAT16_CONV must not silently run the other way."""
+  monkeypatch.setenv(name, 'auto')
+  read(lib)                                          # 'auto' is the default, spelled out
+  monkeypatch.setenv(name, 'onn')
+  with pytest.raises(ConfigError, match=f"{name}='onn' is not a setting"):
+    read(lib)
 
 
 def test_vmap_of_the_gradient_runs_once_per_element(lib):

@@ -17,8 +17,8 @@ from cnnjax import runner
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args, timeout=120):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+def run_cli(*args, timeout=120, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **env_vars)
   return subprocess.run([sys.executable, 'run.py', *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout, env=env)
 
@@ -150,6 +150,17 @@ def test_bad_cli_input_prints_one_line_and_exits_2(args, message):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
   assert message.lower() in lines[0].lower()
+
+
+@pytest.mark.parametrize('switch', ['CNNJAX_ONEDNN', 'CNNJAX_BFLOAT16_CONV'])
+def test_a_kernel_switch_that_is_no_setting_prints_one_line_and_exits_2(tmp_path, switch):
+  """A typo in the environment stops the run (on any CPU) instead of running the default way."""
+  proc = run_cli('--config.model.dtype=bfloat16', f'--workdir={tmp_path}',
+                 **{switch: 'onn'})
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert lines == [lines[0]] and lines[0].startswith(f"error: {switch}='onn' is not a setting"), (
+      proc.stderr)
 
 
 def test_missing_tfds_data_fails_fast_with_directions(tmp_path):

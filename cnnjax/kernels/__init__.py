@@ -101,6 +101,14 @@ def use_winograd(enabled: bool | None):
   return impl(enabled)
 
 
+def use_bfloat16_arithmetic(mode: str | None):
+  """``with use_bfloat16_arithmetic('native' | 'float32'):`` computes the bfloat16 convolutions
+  traced inside on oneDNN's bfloat16 kernels or on their values in float32; None chooses as
+  ``CNNJAX_BFLOAT16_CONV`` or the CPU says (`cnnjax.kernels.conv.bfloat16_arithmetic`)."""
+  from cnnjax.kernels.conv import use_bfloat16_arithmetic as impl
+  return impl(mode)
+
+
 def conv2d(*args, **kwargs):
   """oneDNN's convolution (`cnnjax.kernels.conv.conv2d`); call it only when `active()`."""
   from cnnjax.kernels.conv import conv2d as impl
@@ -114,4 +122,4 @@ def supports(*args, **kwargs) -> bool:
 
 
 __all__ = ['ENV_SWITCH', 'KernelUnavailableWarning', 'active', 'backend', 'conv2d', 'supports',
-           'use_onednn', 'use_winograd']
+           'use_bfloat16_arithmetic', 'use_onednn', 'use_winograd']

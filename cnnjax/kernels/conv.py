@@ -32,6 +32,7 @@ import jax
 import jax.custom_batching
 import jax.numpy as jnp
 
+from cnnjax.errors import ConfigError
 from cnnjax.kernels import loader
 from cnnjax.kernels.partition import batch_partitioned
 
@@ -59,6 +60,21 @@ def winograd_wanted(lib) -> bool:
 
 
 BFLOAT16_SWITCH = 'CNNJAX_BFLOAT16_CONV'   # 'native' | 'float32'; unset: chosen by the CPU
+_BFLOAT16_ARITHMETIC = contextvars.ContextVar('cnnjax_bfloat16_arithmetic', default=None)
+
+
+@contextlib.contextmanager
+def use_bfloat16_arithmetic(mode: str | None) -> Iterator[None]:
+  """Computes the bfloat16 convolutions traced inside on oneDNN's bfloat16 kernels ('native'),
+  on their values in float32 ('float32'), or as `CNNJAX_BFLOAT16_CONV` or the CPU decides (None).
+  'native' where oneDNN has no bfloat16 kernels still computes them in float32."""
+  if mode not in (None, 'native', 'float32'):
+    raise ConfigError(f'use_bfloat16_arithmetic({mode!r}): use \'native\', \'float32\' or None.')
+  token = _BFLOAT16_ARITHMETIC.set(mode)
+  try:
+    yield
+  finally:
+    _BFLOAT16_ARITHMETIC.reset(token)
 
 
 def bfloat16_arithmetic(lib) -> tuple[str, str]:
@@ -66,14 +82,21 @@ def bfloat16_arithmetic(lib) -> tuple[str, str]:
   (float32 accumulation), or ('float32', why) on the bfloat16 values converted to float32, the
   result rounded to bfloat16 (so float32 3x3 Winograd applies too).
 
-  ``CNNJAX_BFLOAT16_CONV=native | float32`` decides (read at trace time); by default they are
+  `use_bfloat16_arithmetic`, else ``CNNJAX_BFLOAT16_CONV=native | float32`` decides (both read
+  at trace time); by default they are
   native where oneDNN has them, except on Intel CPUs without AMX: there oneDNN's AVX512-BF16
   convolutions ran slower than its float32 ones (0.6-0.7x on an AVX512-FP16 Xeon, PyTorch's
   oneDNN 3.12 alike: benchmarks/README.md), while AMX and AMD's AVX512-BF16 cores run them
   faster."""
+  asked = os.environ.get(BFLOAT16_SWITCH, '').strip().lower()
+  if asked not in ('', 'auto', 'native', 'float32'):   # a typo counts on every CPU
+    raise ConfigError(f'{BFLOAT16_SWITCH}={os.environ[BFLOAT16_SWITCH]!r} is not a setting: use '
+                      f'native (oneDNN\'s bfloat16 kernels), float32 (bfloat16 values, float32 '
+                      f'arithmetic) or auto (unset: chosen by the CPU).')
   if not lib.bf16_native:
     return 'float32', 'oneDNN has no bfloat16 convolutions on this CPU'
-  asked = os.environ.get(BFLOAT16_SWITCH, '').strip().lower()
+  if _BFLOAT16_ARITHMETIC.get() is not None:
+    return _BFLOAT16_ARITHMETIC.get(), f'use_bfloat16_arithmetic({_BFLOAT16_ARITHMETIC.get()!r})'
   if asked in ('native', 'float32'):
     return asked, f'{BFLOAT16_SWITCH}={asked}'
   if lib.cpu_vendor == 'GenuineIntel' and 'amx' not in lib.isa:
