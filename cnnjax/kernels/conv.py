@@ -59,7 +59,8 @@ def winograd_wanted(lib) -> bool:
   return asked if asked is not None else lib.isa.startswith(('avx2', 'avx512'))
 
 
-BFLOAT16_SWITCH = 'CNNJAX_BFLOAT16_CONV'   # 'native' | 'float32'; unset: chosen by the CPU
+BFLOAT16_SWITCH = 'CNNJAX_BFLOAT16_CONV'   # one of BFLOAT16_MODES; unset or 'auto': by the CPU
+BFLOAT16_MODES = ('native', 'float32')
 _BFLOAT16_ARITHMETIC = contextvars.ContextVar('cnnjax_bfloat16_arithmetic', default=None)
 
 
@@ -68,7 +69,7 @@ def use_bfloat16_arithmetic(mode: str | None) -> Iterator[None]:
   """Computes the bfloat16 convolutions traced inside on oneDNN's bfloat16 kernels ('native'),
   on their values in float32 ('float32'), or as `CNNJAX_BFLOAT16_CONV` or the CPU decides (None).
   'native' where oneDNN has no bfloat16 kernels still computes them in float32."""
-  if mode not in (None, 'native', 'float32'):
+  if mode is not None and mode not in BFLOAT16_MODES:
     raise ConfigError(f'use_bfloat16_arithmetic({mode!r}): use \'native\', \'float32\' or None.')
   token = _BFLOAT16_ARITHMETIC.set(mode)
   try:
@@ -89,15 +90,16 @@ def bfloat16_arithmetic(lib) -> tuple[str, str]:
   oneDNN 3.12 alike: benchmarks/README.md), while AMX and AMD's AVX512-BF16 cores run them
   faster."""
   asked = os.environ.get(BFLOAT16_SWITCH, '').strip().lower()
-  if asked not in ('', 'auto', 'native', 'float32'):   # a typo counts on every CPU
+  if asked not in ('', 'auto', *BFLOAT16_MODES):   # a typo counts on every CPU
     raise ConfigError(f'{BFLOAT16_SWITCH}={os.environ[BFLOAT16_SWITCH]!r} is not a setting: use '
                       f'native (oneDNN\'s bfloat16 kernels), float32 (bfloat16 values, float32 '
                       f'arithmetic) or auto (unset: chosen by the CPU).')
   if not lib.bf16_native:
     return 'float32', 'oneDNN has no bfloat16 convolutions on this CPU'
-  if _BFLOAT16_ARITHMETIC.get() is not None:
-    return _BFLOAT16_ARITHMETIC.get(), f'use_bfloat16_arithmetic({_BFLOAT16_ARITHMETIC.get()!r})'
-  if asked in ('native', 'float32'):
+  in_context = _BFLOAT16_ARITHMETIC.get()
+  if in_context is not None:
+    return in_context, f'use_bfloat16_arithmetic({in_context!r})'
+  if asked in BFLOAT16_MODES:
     return asked, f'{BFLOAT16_SWITCH}={asked}'
   if lib.cpu_vendor == 'GenuineIntel' and 'amx' not in lib.isa:
     return 'float32', (f'faster than oneDNN\'s bfloat16 kernels on Intel CPUs without AMX; '
