@@ -42,6 +42,8 @@ def main(argv=None) -> int:
   from cnnjax import config as config_lib
   from cnnjax.errors import CnnjaxError
   try:
+    from cnnjax import kernels
+    kernels.check_environment()  # a typo in CNNJAX_ONEDNN or CNNJAX_BFLOAT16_CONV stops it here
     if args.list:
       for name in config_lib.experiment_names():
         print(f'{name:24s} {config_lib.experiment_summary(name)}')

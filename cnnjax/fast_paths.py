@@ -16,18 +16,15 @@ it is the one place that reads the switch. Measurements: benchmarks/README.md.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 
-_CPU_FAST_PATHS = contextvars.ContextVar('cnnjax_cpu_fast_paths', default=True)
+from cnnjax.switches import TraceSwitch
+
+_CPU_FAST_PATHS = TraceSwitch('cpu_fast_paths', default=True)
 
 
-@contextlib.contextmanager
-def cpu_fast_paths(enabled: bool) -> Iterator[None]:
+def cpu_fast_paths(enabled: bool):
   """Turns the CPU fast paths (block convolutions, tiling pools, Conv2d's oneDNN convolutions)
   on or off while tracing.
 
@@ -35,11 +32,7 @@ def cpu_fast_paths(enabled: bool) -> Iterator[None]:
   float32 rounding), but through reshapes or foreign calls; `cnnjax.summary` and the exports turn
   them off so that they see ordinary convolutions and pools.
   """
-  token = _CPU_FAST_PATHS.set(enabled)
-  try:
-    yield
-  finally:
-    _CPU_FAST_PATHS.reset(token)
+  return _CPU_FAST_PATHS(enabled)
 
 
 def active() -> bool:

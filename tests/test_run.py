@@ -154,13 +154,16 @@ def test_bad_cli_input_prints_one_line_and_exits_2(args, message):
 
 @pytest.mark.parametrize('switch', ['CNNJAX_ONEDNN', 'CNNJAX_BFLOAT16_CONV'])
 def test_a_kernel_switch_that_is_no_setting_prints_one_line_and_exits_2(tmp_path, switch):
-  """A typo in the environment stops the run (on any CPU) instead of running the default way."""
-  proc = run_cli('--config.model.dtype=bfloat16', f'--workdir={tmp_path}',
+  """A typo in the environment stops the run (on any CPU) instead of running the default way,
+  before it starts: the workdir stays empty."""
+  workdir = tmp_path / 'run'
+  proc = run_cli('--config.model.dtype=bfloat16', f'--workdir={workdir}',
                  **{switch: 'onn'})
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert lines == [lines[0]] and lines[0].startswith(f"error: {switch}='onn' is not a setting"), (
       proc.stderr)
+  assert not workdir.exists() or not any(workdir.iterdir()), sorted(workdir.iterdir())
 
 
 def test_missing_tfds_data_fails_fast_with_directions(tmp_path):

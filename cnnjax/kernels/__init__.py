@@ -16,14 +16,11 @@ a failed build, on older instruction sets unless ``CNNJAX_ONEDNN=1``, or when sw
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 from cnnjax.kernels import loader
 from cnnjax.kernels.loader import ENV_SWITCH, KernelUnavailableWarning, library, unavailable_reason
+from cnnjax.switches import TraceSwitch
 
-_USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=None)   # None: automatic
+_USE_ONEDNN = TraceSwitch('use_onednn')   # None: automatic
 
 # Where oneDNN's convolutions are used without being asked for: the instruction sets on which they
 # were measured faster than XLA's over whole train steps (AVX2: small_resnet and cifar_resnet18
@@ -32,14 +29,9 @@ _USE_ONEDNN = contextvars.ContextVar('cnnjax_use_onednn', default=None)   # None
 _AUTOMATIC_ISAS = ('avx2', 'avx512')
 
 
-@contextlib.contextmanager
-def use_onednn(enabled: bool | None) -> Iterator[None]:
+def use_onednn(enabled: bool | None):
   """Turns the oneDNN convolutions on or off (None: automatic) for the convolutions traced inside."""
-  token = _USE_ONEDNN.set(enabled)
-  try:
-    yield
-  finally:
-    _USE_ONEDNN.reset(token)
+  return _USE_ONEDNN(enabled)
 
 
 def _choice(lib) -> tuple[bool, str | None]:
@@ -109,6 +101,17 @@ def use_bfloat16_arithmetic(mode: str | None):
   return impl(mode)
 
 
+def check_environment() -> None:
+  """Raises a `ConfigError` now if ``CNNJAX_ONEDNN`` or ``CNNJAX_BFLOAT16_CONV`` holds no setting.
+
+  They are read when the first convolution is traced, after the data has loaded; ``run.py``
+  calls this first so that a typo stops a run before it starts.
+  """
+  loader.env_switch()
+  from cnnjax.kernels.conv import env_bfloat16_arithmetic
+  env_bfloat16_arithmetic()
+
+
 def conv2d(*args, **kwargs):
   """oneDNN's convolution (`cnnjax.kernels.conv.conv2d`); call it only when `active()`."""
   from cnnjax.kernels.conv import conv2d as impl
@@ -121,5 +124,6 @@ def supports(*args, **kwargs) -> bool:
   return impl(*args, **kwargs)
 
 
-__all__ = ['ENV_SWITCH', 'KernelUnavailableWarning', 'active', 'backend', 'conv2d', 'supports',
+__all__ = ['ENV_SWITCH', 'KernelUnavailableWarning', 'active', 'backend', 'check_environment',
+           'conv2d', 'supports',
            'use_bfloat16_arithmetic', 'use_onednn', 'use_winograd']

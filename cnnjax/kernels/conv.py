@@ -21,12 +21,8 @@ summed over the batch axes); under ``jax.pmap`` each device calls it on its shar
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import jax
 import jax.custom_batching
@@ -35,47 +31,46 @@ import jax.numpy as jnp
 from cnnjax.errors import ConfigError
 from cnnjax.kernels import loader
 from cnnjax.kernels.partition import batch_partitioned
+from cnnjax.switches import TraceSwitch, env_choice
 
 
-_USE_WINOGRAD = contextvars.ContextVar('cnnjax_use_winograd', default=None)   # None: automatic
+_WINOGRAD = TraceSwitch('use_winograd')   # None: automatic
 
 
-@contextlib.contextmanager
-def use_winograd(enabled: bool | None) -> Iterator[None]:
+def use_winograd(enabled: bool | None):
   """Lets the convolutions traced inside run as Winograd F(4x4, 3x3) where they fit (True), keeps
   them all on oneDNN's direct convolution (False), or chooses by the CPU (None, the default)."""
-  token = _USE_WINOGRAD.set(enabled if enabled is None else bool(enabled))
-  try:
-    yield
-  finally:
-    _USE_WINOGRAD.reset(token)
+  return _WINOGRAD(enabled if enabled is None else bool(enabled))
 
 
 def winograd_wanted(lib) -> bool:
   """Whether convolutions traced now may run as Winograd: as asked by `use_winograd`, else on
   AVX2 and AVX-512 CPUs, where ResNet train steps were measured faster with it than with
   oneDNN's direct kernels (benchmarks/README.md)."""
-  asked = _USE_WINOGRAD.get()
+  asked = _WINOGRAD.get()
   return asked if asked is not None else lib.isa.startswith(('avx2', 'avx512'))
 
 
 BFLOAT16_SWITCH = 'CNNJAX_BFLOAT16_CONV'   # one of BFLOAT16_MODES; unset or 'auto': by the CPU
 BFLOAT16_MODES = ('native', 'float32')
-_BFLOAT16_ARITHMETIC = contextvars.ContextVar('cnnjax_bfloat16_arithmetic', default=None)
+_BFLOAT16_ARITHMETIC = TraceSwitch('bfloat16_arithmetic')   # None: as the env or the CPU says
 
 
-@contextlib.contextmanager
-def use_bfloat16_arithmetic(mode: str | None) -> Iterator[None]:
+def use_bfloat16_arithmetic(mode: str | None):
   """Computes the bfloat16 convolutions traced inside on oneDNN's bfloat16 kernels ('native'),
   on their values in float32 ('float32'), or as `CNNJAX_BFLOAT16_CONV` or the CPU decides (None).
   'native' where oneDNN has no bfloat16 kernels still computes them in float32."""
   if mode is not None and mode not in BFLOAT16_MODES:
     raise ConfigError(f'use_bfloat16_arithmetic({mode!r}): use \'native\', \'float32\' or None.')
-  token = _BFLOAT16_ARITHMETIC.set(mode)
-  try:
-    yield
-  finally:
-    _BFLOAT16_ARITHMETIC.reset(token)
+  return _BFLOAT16_ARITHMETIC(mode)
+
+
+def env_bfloat16_arithmetic() -> str | None:
+  """What ``CNNJAX_BFLOAT16_CONV`` asks for: one of BFLOAT16_MODES, or None (unset or 'auto');
+  any other value is a `ConfigError`, on every CPU."""
+  return env_choice(BFLOAT16_SWITCH, {'': None, 'auto': None, **{m: m for m in BFLOAT16_MODES}},
+                    "native (oneDNN's bfloat16 kernels), float32 (bfloat16 values, float32 "
+                    "arithmetic) or auto (unset: chosen by the CPU)")
 
 
 def bfloat16_arithmetic(lib) -> tuple[str, str]:
@@ -89,17 +84,13 @@ def bfloat16_arithmetic(lib) -> tuple[str, str]:
   convolutions ran slower than its float32 ones (0.6-0.7x on an AVX512-FP16 Xeon, PyTorch's
   oneDNN 3.12 alike: benchmarks/README.md), while AMX and AMD's AVX512-BF16 cores run them
   faster."""
-  asked = os.environ.get(BFLOAT16_SWITCH, '').strip().lower()
-  if asked not in ('', 'auto', *BFLOAT16_MODES):   # a typo counts on every CPU
-    raise ConfigError(f'{BFLOAT16_SWITCH}={os.environ[BFLOAT16_SWITCH]!r} is not a setting: use '
-                      f'native (oneDNN\'s bfloat16 kernels), float32 (bfloat16 values, float32 '
-                      f'arithmetic) or auto (unset: chosen by the CPU).')
+  asked = env_bfloat16_arithmetic()   # a typo counts on every CPU
   if not lib.bf16_native:
     return 'float32', 'oneDNN has no bfloat16 convolutions on this CPU'
   in_context = _BFLOAT16_ARITHMETIC.get()
   if in_context is not None:
     return in_context, f'use_bfloat16_arithmetic({in_context!r})'
-  if asked in BFLOAT16_MODES:
+  if asked is not None:
     return asked, f'{BFLOAT16_SWITCH}={asked}'
   if lib.cpu_vendor == 'GenuineIntel' and 'amx' not in lib.isa:
     return 'float32', (f'faster than oneDNN\'s bfloat16 kernels on Intel CPUs without AMX; '

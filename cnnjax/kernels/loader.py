@@ -18,7 +18,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-from cnnjax.errors import ConfigError
+from cnnjax.switches import env_choice
 from cnnjax.kernels import build
 
 TARGETS = {'forward': 'cnnjax_conv_forward', 'backward_data': 'cnnjax_conv_backward_data',
@@ -71,15 +71,10 @@ def env_switch() -> bool | None:
   """What ``CNNJAX_ONEDNN`` asks for: True (1/true/on/yes), False (0/false/off/no), or None
   (unset, empty or ``auto``: automatic). Any other value is a `ConfigError`: a typo must not
   silently run the other backend."""
-  value = os.environ.get(ENV_SWITCH, '').strip().lower()
-  if value in ('1', 'true', 'on', 'yes'):
-    return True
-  if value in ('0', 'false', 'off', 'no'):
-    return False
-  if value in ('', 'auto'):
-    return None
-  raise ConfigError(f'{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not a setting: use 1 (oneDNN '
-                    f'convolutions), 0 (XLA\'s) or auto (unset: chosen by the CPU).')
+  return env_choice(ENV_SWITCH, {**dict.fromkeys(('1', 'true', 'on', 'yes'), True),
+                                 **dict.fromkeys(('0', 'false', 'off', 'no'), False),
+                                 '': None, 'auto': None},
+                    "1 (oneDNN convolutions), 0 (XLA's) or auto (unset: chosen by the CPU)")
 
 
 def switched_off() -> bool:
