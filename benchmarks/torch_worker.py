@@ -8,6 +8,8 @@ parameter counts are reported so the orchestrator can check they match cnnjax's.
 One training step = zero_grad, uint8 -> normalized float input, forward, cross-entropy, backward,
 SGD(momentum 0.9) step, exactly what cnnjax's jitted step does. Evaluation runs under
 ``torch.inference_mode()``. Threads: ``torch.set_num_threads(--threads)`` (default: all cores).
+Memory: glibc malloc set as ``cnnjax.configure_cpu()`` sets it for the JAX side
+(`cnnjax.runtime.keep_freed_memory`), so that the two sides differ only in their frameworks.
 
 Run by bench.py; by hand: ``python benchmarks/torch_worker.py --model lenet5``.
 """
@@ -16,9 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from cnnjax.runtime import keep_freed_memory
+
+keep_freed_memory()   # before torch allocates anything, as run.py's configure_cpu() does for JAX
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from common import (MODELS, NUM_CLASSES, emit, load_average, peak_rss_mb, reset_peak_rss,
                     summarize, time_steps)

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from cnnjax import runtime
 
+GLIBC = platform.libc_ver()[0] == 'glibc'
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
                  'jax_persistent_cache_min_entry_size_bytes', 'jax_compilation_cache_max_size',
@@ -34,7 +36,7 @@ print(json.dumps(out))
 def _probe(**env_changes):
   """Runs PROBE in a fresh process whose environment has no cnnjax, XLA or JAX cache settings."""
   ours = {'XLA_FLAGS', 'CNNJAX_CPU_FLAGS', 'CNNJAX_CACHE_DIR', *(n.upper() for n in CACHE_OPTIONS)}
-  env = {k: v for k, v in os.environ.items() if k not in ours}
+  env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith('MALLOC_')}
   env.update(env_changes)
   proc = subprocess.run([sys.executable, '-c', PROBE], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
@@ -58,8 +60,9 @@ def test_import_changes_nothing_and_configure_cpu_opts_in(tmp_path):
   # configure_cpu(): the measured flags after the user's, once; a bounded cache.
   ours = [f'--{k}={v}' for k, v in out['cnnjax_flags'].items()]
   assert out['xla_flags'].split() == [user, *ours]
-  assert out['first'] == {'xla_flags': ours, 'cache_dir': cache}
-  assert out['second'] == {'xla_flags': [], 'cache_dir': cache}
+  malloc = {'M_ARENA_MAX': 1, 'M_MMAP_MAX': 0, 'M_TRIM_THRESHOLD': 2**31 - 1} if GLIBC else {}
+  assert out['first'] == {'xla_flags': ours, 'cache_dir': cache, 'malloc': malloc}
+  assert out['second'] == {'xla_flags': [], 'cache_dir': cache, 'malloc': {}}
   assert out['cache'] == {'jax_compilation_cache_dir': cache,
                           'jax_persistent_cache_min_compile_time_secs': 0.2,
                           'jax_persistent_cache_min_entry_size_bytes': -1,
@@ -73,6 +76,7 @@ def test_user_settings_win(tmp_path):
   cache = str(tmp_path / 'cache')
   own_bound = _probe(CNNJAX_CACHE_DIR=cache, JAX_COMPILATION_CACHE_MAX_SIZE='12345')
   assert own_bound['cache']['jax_compilation_cache_max_size'] == 12345
+  assert _probe(CNNJAX_CACHE_DIR=cache, MALLOC_ARENA_MAX='4')['first']['malloc'] == {}
   own_cache = _probe(JAX_COMPILATION_CACHE_DIR=cache)  # JAX's own setting: kept, not bounded
   assert own_cache['first']['cache_dir'] == cache
   assert own_cache['cache']['jax_compilation_cache_max_size'] == -1
@@ -87,8 +91,51 @@ def test_user_settings_win(tmp_path):
 def test_opt_outs():
   out = _probe(CNNJAX_CACHE_DIR='', CNNJAX_CPU_FLAGS='0')
   assert out['xla_flags'] == '' and out['eval_options'] is None
-  assert out['first'] == {'xla_flags': [], 'cache_dir': None}
+  assert out['first'] == {'xla_flags': [], 'cache_dir': None, 'malloc': {}}
   assert out['cache'] == out['cache_before']
+
+
+FAULTS = """
+import ctypes, json, resource, sys, threading
+if sys.argv[1] == 'keep':
+  from cnnjax import runtime
+  runtime.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def step():  # as XLA:CPU's worker threads allocate an execution's temporaries: one large block
+  size = 256 * 2**20   # (with malloc: numpy would ask for huge pages)
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)   # written, so every page is touched
+  libc.free(block)
+
+faults = []
+for _ in range(3):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  thread = threading.Thread(target=step)
+  thread.start()
+  thread.join()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason='keep_freed_memory() sets glibc malloc options')
+def test_kept_memory_is_not_page_faulted_in_again():
+  """A 256 MB block allocated and freed by a thread, three times: glibc's default maps and
+  unmaps it each time (65,536 4-KiB pages faulted in again); after keep_freed_memory() the
+  second and third reuse the first's pages."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+  faults = {}
+  for mode in ('default', 'keep'):
+    proc = subprocess.run([sys.executable, '-c', FAULTS, mode], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    faults[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+  pages = 256 * 2**20 // os.sysconf('SC_PAGE_SIZE')
+  assert all(n > pages // 2 for n in faults['default']), faults
+  assert faults['keep'][0] > pages // 2 and max(faults['keep'][1:]) < pages // 20, faults
 
 
 def test_flags_only_for_measured_jaxlib_versions(monkeypatch):
