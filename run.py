@@ -38,7 +38,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   from cnnjax import runtime
-  runtime.configure_cpu()  # XLA:CPU flags and the compilation cache, before JAX starts a backend
+  runtime.configure_cpu()  # XLA:CPU flags, compilation cache, malloc: before JAX starts a backend
   from cnnjax import config as config_lib
   from cnnjax.errors import CnnjaxError
   try:

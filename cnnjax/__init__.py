@@ -7,7 +7,8 @@
 Submodules: layers, reference, shapes, blocks, models, data, optim, train, runner, parallel,
 checkpoint, transfer, viz. `import cnnjax` does not import TensorFlow or PyTorch, and changes no
 process-wide setting: `cnnjax.configure_cpu()`, called before the first JAX computation, opts in
-to cnnjax's XLA:CPU flags and a bounded compilation cache (cnnjax/runtime.py; run.py calls it).
+to cnnjax's XLA:CPU flags, a bounded compilation cache and malloc that keeps freed memory
+(cnnjax/runtime.py; run.py calls it).
 """
 from cnnjax import layers
 from cnnjax.models import activations, get_model, model_names
