@@ -134,8 +134,16 @@ def test_kept_memory_is_not_page_faulted_in_again():
     assert proc.returncode == 0, proc.stderr[-2000:]
     faults[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
   pages = 256 * 2**20 // os.sysconf('SC_PAGE_SIZE')
-  assert all(n > pages // 2 for n in faults['default']), faults
-  assert faults['keep'][0] > pages // 2 and max(faults['keep'][1:]) < pages // 20, faults
+  assert max(faults['keep'][1:]) < pages // 20, faults
+  if not _huge_pages_always():  # (with them, a fresh mapping faults in 2 MiB at a time)
+    assert all(n > pages // 2 for n in faults['default']), faults
+
+
+def _huge_pages_always() -> bool:
+  try:
+    return '[always]' in pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled').read_text()
+  except OSError:
+    return False
 
 
 def test_flags_only_for_measured_jaxlib_versions(monkeypatch):
