@@ -332,13 +332,20 @@ def train_gflop_per_image(model: str) -> float:
 def isa_peak_gflops(isa: str) -> float | None:
   """The float32 peak the instruction set allows on these cores, nominally: two FMA pipes of
   8 (AVX2) or 16 (AVX-512) lanes, 2 FLOPs each, per core per cycle at /proc/cpuinfo's clock
-  (a VM's nominal clock: boost clocks can be higher). None when the clock is not known."""
+  (a VM's nominal clock: boost clocks can be higher). AMD's Zen 4 (family 25) executes AVX-512
+  on its two 256-bit pipes, so 8 lanes there (its float32 matmul: 178 GFLOP/s of a nominal 166 at
+  2.6 GHz, benchmarks/README.md). None when the clock is not known."""
   try:
     with open('/proc/cpuinfo') as f:
-      mhz = next(float(line.split(':')[1]) for line in f if line.startswith('cpu MHz'))
-  except (OSError, StopIteration, ValueError):
+      info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
+                  if ':' in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    mhz = float(info['cpu MHz'])
+  except (OSError, KeyError, ValueError):
     return None
   lanes = 16 if isa.startswith('avx512') else 8 if isa.startswith('avx2') else 4
+  if lanes == 16 and info.get('vendor_id') == 'AuthenticAMD' and info.get('cpu family') == '25':
+    lanes = 8
   return round(len(os.sched_getaffinity(0)) * 2 * lanes * 2 * mhz / 1e3, 1)
 
 
